@@ -1,0 +1,220 @@
+"""The full LSTM: layers stacked, both directions, variable lengths, inter-layer dropout."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lstm_jax._cell import accumulation_dtype, matmul
+from lstm_jax._params import LSTMParams, LSTMState
+from lstm_jax._recurrence import recurrence, recurrence_autodiff, remat_chunk
+
+Array = jax.Array
+
+# Loop unrolling per backend. Each scan iteration costs a fixed dispatch overhead (about
+# 20 us on an H100); unrolling amortises it at the price of compile time. Chosen from
+# scripts/bench.py measurements (benchmarks/results/).
+DEFAULT_UNROLL = {"cpu": 1, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
+
+
+def default_unroll() -> int:
+    """The ``unroll`` used when :func:`lstm` is called with ``unroll=None``."""
+    return DEFAULT_UNROLL.get(jax.default_backend(), 1)
+
+
+def _shape_error(name: str, expected, given) -> ValueError:
+    return ValueError(f"{name} has shape {tuple(given)}, expected {tuple(expected)}")
+
+
+def _validate_state(initial_state, expected_h, expected_c):
+    if not (isinstance(initial_state, tuple) and len(initial_state) == 2):
+        raise ValueError(
+            "initial_state must be an LSTMState(h, c) (or a pair (h, c)), "
+            f"got {type(initial_state).__name__}"
+        )
+    h0, c0 = initial_state
+    if tuple(jnp.shape(h0)) != expected_h:
+        raise _shape_error("initial_state.h", expected_h, jnp.shape(h0))
+    if tuple(jnp.shape(c0)) != expected_c:
+        raise _shape_error("initial_state.c", expected_c, jnp.shape(c0))
+    return jnp.asarray(h0), jnp.asarray(c0)
+
+
+def _reverse_index(steps: int, seq_lengths: Array | None) -> Array | None:
+    """Per-sequence time reversal: step t reads step len-1-t while t < len, else itself."""
+    if seq_lengths is None:
+        return None
+    t = jnp.arange(steps)[:, None]
+    return jnp.where(t < seq_lengths[None, :], seq_lengths[None, :] - 1 - t, t)
+
+
+def _time_reverse(a: Array, index: Array | None) -> Array:
+    if index is None:
+        return jnp.flip(a, axis=0)
+    return jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=0)
+
+
+def lstm(
+    params: LSTMParams,
+    x: Array,
+    initial_state: LSTMState | None = None,
+    *,
+    seq_lengths: Array | None = None,
+    batch_first: bool = True,
+    dropout: float = 0.0,
+    key: Array | None = None,
+    unroll: int | None = None,
+    compute_dtype=None,
+    precision=None,
+    remat: bool = False,
+    custom_grad: bool = True,
+) -> tuple[Array, LSTMState]:
+    """Runs a stacked, optionally bidirectional LSTM over a batch of sequences.
+
+    The semantics are those of ``torch.nn.LSTM``: the same weights give the same numbers.
+    Per layer and direction, with gate order i, f, g, o::
+
+        state = initial_state or zeros
+        for t in range(T):                   # the reverse direction walks t = len-1 .. 0
+            state, y[t] = lstm_cell(params.layers[l][d], state, x[t])
+
+    implemented as one large product ``x @ w_ih`` for all steps, then a ``jax.lax.scan`` of
+    ``h @ w_hh`` plus the gate math, with a backward pass written for the recurrence.
+
+    Args:
+      params: from :func:`init_lstm` or :func:`from_torch`; its structure fixes the number
+        of layers L, the directions D, the projection and the bias.
+      x: ``(B, T, input_size)`` if ``batch_first`` else ``(T, B, input_size)``; unbatched
+        ``(T, input_size)`` works too.
+      initial_state: ``LSTMState(h: (L*D, B, H_out), c: (L*D, B, H))`` indexed
+        ``layer * D + direction`` (unbatched: no B axis); zeros when None. ``batch_first``
+        never applies to states.
+      seq_lengths: ``(B,)`` integers in ``[0, T]``: padded sequences behave like torch's
+        packed sequences. Outputs past each length are zero, the final state is the state
+        at the last valid step and the reverse direction starts at each sequence's own end.
+      batch_first: layout of ``x`` and ``y``.
+      dropout: probability of zeroing each output of every layer but the last (as torch).
+        Applied only when ``key`` is given: pass no key for evaluation.
+      key: PRNG key for dropout.
+      unroll: time steps per loop iteration; None picks :func:`default_unroll` for the backend.
+      compute_dtype: dtype of the matrix products (e.g. ``jnp.bfloat16`` for mixed precision);
+        defaults to ``x.dtype``. Sums and the cell state stay in float32 (float64 for
+        float64 input) and outputs keep the dtype of ``x``.
+      precision: ``jax.lax.Precision`` of the matrix products (e.g. ``"highest"`` to avoid
+        TF32 on GPUs).
+      remat: recompute the forward pass during the backward pass, keeping only about
+        sqrt(T) saved states per layer: for very long sequences.
+      custom_grad: use the hand-written backward pass (True) or JAX autodiff of the scan.
+
+    Returns:
+      ``(y, LSTMState(h_n, c_n))`` with ``y: (B, T, D*H_out)`` (``(T, B, D*H_out)`` if not
+      ``batch_first``), ``h_n: (L*D, B, H_out)`` and ``c_n: (L*D, B, H)``.
+
+    Example:
+      >>> params = init_lstm(jax.random.key(0), input_size=3, hidden_size=8, num_layers=2)
+      >>> y, state = lstm(params, jnp.ones((4, 10, 3)))
+      >>> y.shape, state.h.shape
+      ((4, 10, 8), (2, 4, 8))
+    """
+    if not isinstance(params, LSTMParams):
+        raise ValueError(
+            f"params must be the LSTMParams of init_lstm or from_torch, got {type(params).__name__}"
+        )
+    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if unroll is not None and (isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1):
+        raise ValueError(f"unroll must be a positive integer or None, got {unroll!r}")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a floating-point array, got dtype {x.dtype}")
+    L, D = params.num_layers, params.num_directions
+    H, H_out, F = params.hidden_size, params.output_size, params.input_size
+    if x.ndim not in (2, 3):
+        layout = "(B, T, input_size)" if batch_first else "(T, B, input_size)"
+        raise ValueError(
+            f"x must have rank 3 {layout} or rank 2 (T, input_size), got shape {x.shape}"
+        )
+    if x.shape[-1] != F:
+        raise ValueError(f"x has {x.shape[-1]} features (last axis), expected input_size {F}")
+
+    unbatched = x.ndim == 2
+    out_dtype = x.dtype
+    dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else x.dtype
+    acc = accumulation_dtype(dtype)
+    x = x[:, None] if unbatched else (jnp.swapaxes(x, 0, 1) if batch_first else x)
+    T, B = x.shape[:2]
+    x = x.astype(dtype)
+
+    if initial_state is None:
+        h0 = jnp.zeros((L * D, B, H_out), dtype)
+        c0 = jnp.zeros((L * D, B, H), acc)
+    else:
+        lead = (L * D,) if unbatched else (L * D, B)
+        h0, c0 = _validate_state(initial_state, lead + (H_out,), lead + (H,))
+        if unbatched:
+            h0, c0 = h0[:, None], c0[:, None]
+        h0, c0 = h0.astype(dtype), c0.astype(acc)
+
+    mask = None
+    if seq_lengths is not None:
+        seq_lengths = jnp.asarray(seq_lengths)
+        expected = (1,) if unbatched else (B,)
+        if seq_lengths.shape not in (expected, () if unbatched else expected):
+            raise _shape_error("seq_lengths", expected, seq_lengths.shape)
+        if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
+            raise ValueError(f"seq_lengths must be integers, got dtype {seq_lengths.dtype}")
+        seq_lengths = seq_lengths.reshape((B,)).astype(jnp.int32)
+        mask = jnp.arange(T)[:, None] < seq_lengths[None, :]
+    reverse_index = _reverse_index(T, seq_lengths) if D == 2 else None
+
+    unroll = default_unroll() if unroll is None else unroll
+    unroll = max(1, min(unroll, T))
+    if custom_grad:
+        chunk = remat_chunk(T) if remat else 0
+        run = functools.partial(recurrence, unroll, precision, chunk)
+    else:
+        run = functools.partial(recurrence_autodiff, unroll, precision)
+        if remat:
+            run = jax.checkpoint(run)
+    if D == 2:
+        # Both directions walk forward through time-reversed inputs, so one vmapped loop
+        # does both: a batched (2, B, H_out) x (2, H_out, 4H) product per step.
+        run = jax.vmap(run, in_axes=(0, 0, 0, 0, 0, None))
+
+    h_n, c_n = [], []
+    layer_input = x
+    for layer, directions in enumerate(params.layers):
+        # One large product for all steps and both directions.
+        w_ih = jnp.concatenate([p.w_ih.astype(dtype) for p in directions], axis=1)
+        xw = matmul(layer_input, w_ih, acc, precision)
+        if params.has_bias:
+            xw = xw + jnp.concatenate([p.b.astype(acc) for p in directions])
+        w_hh = [p.w_hh.astype(dtype) for p in directions]
+        w_hr = [None if p.w_hr is None else p.w_hr.astype(dtype) for p in directions]
+        states = slice(layer * D, (layer + 1) * D)
+        if D == 1:
+            ys, (h, c) = run(xw, w_hh[0], w_hr[0], h0[layer], c0[layer], mask)
+            h, c = h[None], c[None]
+        else:
+            xw_fwd, xw_bwd = jnp.split(xw, 2, axis=-1)
+            xw = jnp.stack([xw_fwd, _time_reverse(xw_bwd, reverse_index)])
+            w_hr_stacked = None if w_hr[0] is None else jnp.stack(w_hr)
+            ys2, (h, c) = run(xw, jnp.stack(w_hh), w_hr_stacked, h0[states], c0[states], mask)
+            ys = jnp.concatenate([ys2[0], _time_reverse(ys2[1], reverse_index)], axis=-1)
+        h_n.append(h)
+        c_n.append(c)
+        if dropout > 0.0 and key is not None and layer < L - 1:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, layer), 1.0 - dropout, ys.shape)
+            ys = jnp.where(keep, ys / (1.0 - dropout), jnp.zeros_like(ys)).astype(dtype)
+        layer_input = ys
+
+    y = layer_input.astype(out_dtype)
+    h_n = jnp.concatenate(h_n).astype(out_dtype)
+    c_n = jnp.concatenate(c_n).astype(out_dtype)
+    if unbatched:
+        return y[:, 0], LSTMState(h_n[:, 0], c_n[:, 0])
+    if batch_first:
+        y = jnp.swapaxes(y, 0, 1)
+    return y, LSTMState(h_n, c_n)

@@ -1,0 +1,212 @@
+"""The time loop of one LSTM layer, with a backward pass written for the recurrence.
+
+Only ``h @ w_hh`` and the gate math are sequential. The input product ``x @ w_ih`` is
+hoisted out of the loop by the caller (one large product over all steps), so this module
+takes the pre-computed input pre-activations ``xw: (T, B, 4H)``.
+
+Reverse-mode autodiff of a ``lax.scan`` accumulates ``dW_hh += h_{t-1}^T dz_t`` inside the
+loop: T small products. The ``custom_vjp`` below runs a backward scan that carries only
+``(dh, dc)`` and emits ``dz_t``; the weight gradients are then single large products over
+all time steps (what cuDNN does), and the gradient of ``xw`` is ``dz`` itself, so autodiff
+of the hoisted input product makes ``dW_ih`` and ``dx`` large products too.
+
+With ``remat=True`` the forward pass keeps only the state at the start of each chunk of
+about sqrt(T) steps; the backward pass recomputes each chunk's gate activations before
+differentiating it, trading one extra forward pass for O(sqrt(T)) residual memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from lstm_jax._cell import cell_update, gate_activations, matmul, project
+
+Array = jax.Array
+
+
+def _forward_step(w_hh, w_hr, precision, carry, inputs):
+    """One step; returns the new carry and (y_t, gate activations, c_{t-1})."""
+    h, c = carry
+    xw_t, m_t = inputs
+    acc = c.dtype
+    z = xw_t + matmul(h, w_hh, acc, precision)
+    c_new, r = cell_update(z, c)
+    h_new = project(r, w_hr, h.dtype, acc, precision)
+    acts = jnp.concatenate(gate_activations(z), axis=-1)
+    if m_t is None:
+        return (h_new, c_new), (h_new, acts, c)
+    valid = m_t[:, None]
+    # Past a sequence's end the state is carried unchanged and the output is zero
+    # (torch's packed-sequence behaviour).
+    carry = (jnp.where(valid, h_new, h), jnp.where(valid, c_new, c))
+    return carry, (jnp.where(valid, h_new, jnp.zeros_like(h_new)), acts, c)
+
+
+def _backward_step(w_hh, w_hr, precision, carry, inputs):
+    """Differentiates one step; carries (dh, dc) and emits (dz_t, dh_t) (dh_t for dW_hr)."""
+    dh, dc = carry
+    dy_t, acts, c_prev, m_t = inputs
+    acc = dc.dtype
+    i, f, g, o = jnp.split(acts, 4, axis=-1)
+    dh_total = dh + dy_t.astype(acc)
+    if w_hr is None:
+        dr = dh_total
+    else:
+        dr = matmul(dh_total.astype(w_hr.dtype), w_hr.T, acc, precision)
+    tanh_c = jnp.tanh(f * c_prev + i * g)
+    dc_total = dc + dr * o * (1.0 - tanh_c * tanh_c)
+    dz = jnp.concatenate(
+        [
+            dc_total * g * i * (1.0 - i),
+            dc_total * c_prev * f * (1.0 - f),
+            dc_total * i * (1.0 - g * g),
+            dr * tanh_c * o * (1.0 - o),
+        ],
+        axis=-1,
+    )
+    dh_prev = matmul(dz.astype(w_hh.dtype), w_hh.T, acc, precision)
+    dc_prev = dc_total * f
+    if m_t is not None:
+        valid = m_t[:, None]
+        dz = jnp.where(valid, dz, jnp.zeros_like(dz))
+        dh_total = jnp.where(valid, dh_total, jnp.zeros_like(dh_total))
+        dh_prev = jnp.where(valid, dh_prev, dh)
+        dc_prev = jnp.where(valid, dc_prev, dc)
+    return (dh_prev, dc_prev), (dz, dh_total if w_hr is not None else None)
+
+
+def _run_forward(xw, w_hh, w_hr, h0, c0, mask, unroll, precision):
+    step = functools.partial(_forward_step, w_hh, w_hr, precision)
+    return jax.lax.scan(step, (h0, c0), (xw, mask), unroll=unroll)
+
+
+def _run_backward(w_hh, w_hr, carry, dys, acts, c_prev, mask, unroll, precision):
+    step = functools.partial(_backward_step, w_hh, w_hr, precision)
+    return jax.lax.scan(step, carry, (dys, acts, c_prev, mask), reverse=True, unroll=unroll)
+
+
+def _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc):
+    """dW_hh and dW_hr as single products over all (t, b) of a span of steps."""
+    # h_{t-1} is y_{t-1}: valid wherever dz is non-zero (masked steps have dz = 0).
+    h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
+    dw_hh = jnp.einsum("tbk,tbg->kg", h_prev, dz.astype(h_prev.dtype), preferred_element_type=acc)
+    dw_hr = None
+    if w_hr is not None:
+        i, f, g, o = jnp.split(acts, 4, axis=-1)
+        r = (o * jnp.tanh(f * c_prev + i * g)).astype(w_hr.dtype)
+        dw_hr = jnp.einsum(
+            "tbh,tbk->hk", r, dh_total.astype(w_hr.dtype), preferred_element_type=acc
+        )
+    return dw_hh, dw_hr
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def recurrence(unroll, precision, chunk, xw, w_hh, w_hr, h0, c0, mask):
+    """Runs one layer over time: ``xw: (T, B, 4H)`` -> ``(ys: (T, B, H_out), (h_T, c_T))``.
+
+    ``chunk`` is 0 for the plain backward pass, or the number of steps between saved
+    states for rematerialisation. ``mask: (T, B)`` bool or None marks valid steps.
+    ``h0`` has the compute dtype, ``c0`` and ``xw`` the accumulation dtype.
+    """
+    (h, c), (ys, _, _) = _run_forward(xw, w_hh, w_hr, h0, c0, mask, unroll, precision)
+    return ys, (h, c)
+
+
+def _recurrence_fwd(unroll, precision, chunk, xw, w_hh, w_hr, h0, c0, mask):
+    if not chunk:
+        (h, c), (ys, acts, c_prev) = _run_forward(xw, w_hh, w_hr, h0, c0, mask, unroll, precision)
+        return (ys, (h, c)), (w_hh, w_hr, h0, c0, mask, ys, acts, c_prev, None)
+    # Rematerialised: keep only the state entering each chunk.
+    xw_c, mask_c, steps = _chunked(xw, mask, chunk)
+
+    def chunk_step(carry, inputs):
+        xw_k, m_k = inputs
+        new_carry, (ys_k, _, _) = _run_forward(xw_k, w_hh, w_hr, *carry, m_k, unroll, precision)
+        return new_carry, (ys_k, carry)
+
+    (h, c), (ys_c, starts) = jax.lax.scan(chunk_step, (h0, c0), (xw_c, mask_c))
+    ys = ys_c.reshape((-1,) + ys_c.shape[2:])[:steps]
+    return (ys, (h, c)), (w_hh, w_hr, h0, c0, mask, ys, None, None, (xw, starts))
+
+
+def _chunked(xw, mask, chunk):
+    """Pads time to a multiple of ``chunk`` with masked steps and splits it into chunks."""
+    steps, batch = xw.shape[:2]
+    n = -(-steps // chunk)
+    pad = n * chunk - steps
+    if mask is None:
+        mask = jnp.ones((steps, batch), bool)
+    xw = jnp.pad(xw, ((0, pad), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, pad), (0, 0)))
+    return xw.reshape((n, chunk) + xw.shape[1:]), mask.reshape((n, chunk, batch)), steps
+
+
+def _recurrence_bwd(unroll, precision, chunk, residuals, cotangents):
+    w_hh, w_hr, h0, c0, mask, ys, acts, c_prev, remat = residuals
+    dys, (dh_T, dc_T) = cotangents
+    acc = c0.dtype
+    carry = (dh_T.astype(acc), dc_T.astype(acc))
+    if remat is None:
+        (dh0, dc0), (dz, dh_total) = _run_backward(
+            w_hh, w_hr, carry, dys, acts, c_prev, mask, unroll, precision
+        )
+        dw_hh, dw_hr = _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc)
+    else:
+        xw, starts = remat
+        xw_c, mask_c, steps = _chunked(xw, mask, chunk)
+        n = xw_c.shape[0]
+        pad = n * chunk - steps
+
+        def time_chunks(a):
+            a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+            return a.reshape((n, chunk) + a.shape[1:])
+
+        zero_hr = None if w_hr is None else jnp.zeros(w_hr.shape, acc)
+
+        def chunk_step(carry, inputs):
+            (dh, dc), dw_hh_sum, dw_hr_sum = carry
+            xw_k, m_k, dys_k, (h_k, c_k) = inputs
+            _, (ys_k, acts_k, c_prev_k) = _run_forward(
+                xw_k, w_hh, w_hr, h_k, c_k, m_k, unroll, precision
+            )
+            (dh, dc), (dz_k, dh_total_k) = _run_backward(
+                w_hh, w_hr, (dh, dc), dys_k, acts_k, c_prev_k, m_k, unroll, precision
+            )
+            dw_hh_k, dw_hr_k = _weight_grads(
+                w_hh, w_hr, h_k, ys_k, acts_k, c_prev_k, dz_k, dh_total_k, acc
+            )
+            if w_hr is not None:
+                dw_hr_sum = dw_hr_sum + dw_hr_k
+            return ((dh, dc), dw_hh_sum + dw_hh_k, dw_hr_sum), dz_k
+
+        init = (carry, jnp.zeros(w_hh.shape, acc), zero_hr)
+        ((dh0, dc0), dw_hh, dw_hr), dz_c = jax.lax.scan(
+            chunk_step, init, (xw_c, mask_c, time_chunks(dys), starts), reverse=True
+        )
+        dz = dz_c.reshape((-1,) + dz_c.shape[2:])[:steps]
+    return (
+        dz,
+        dw_hh.astype(w_hh.dtype),
+        None if w_hr is None else dw_hr.astype(w_hr.dtype),
+        dh0.astype(h0.dtype),
+        dc0.astype(c0.dtype),
+        None,
+    )
+
+
+recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def remat_chunk(steps: int) -> int:
+    """Steps between saved states for rematerialisation: about sqrt(T) (Chen et al. 2016)."""
+    return max(1, math.isqrt(max(steps, 1)))
+
+
+def recurrence_autodiff(unroll, precision, xw, w_hh, w_hr, h0, c0, mask):
+    """The same loop differentiated by JAX's own autodiff (a reference for tests and benchmarks)."""
+    (h, c), (ys, _, _) = _run_forward(xw, w_hh, w_hr, h0, c0, mask, unroll, precision)
+    return ys, (h, c)
