@@ -1,0 +1,273 @@
+"""The functional core against a NumPy float64 reference, a loop of lstm_cell and itself."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+from reference import lstm_reference
+
+import lstm_jax
+from lstm_jax import LSTMState, init_lstm, lstm, lstm_cell
+
+B, T, F, H = 3, 6, 4, 5
+
+CONFIGS = {
+    "plain": dict(),
+    "no_bias": dict(bias=False),
+    "two_layers": dict(num_layers=2),
+    "bidirectional": dict(bidirectional=True),
+    "projected": dict(proj_size=3),
+    "all": dict(num_layers=2, bidirectional=True, proj_size=2),
+}
+
+
+@pytest.fixture
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", False)
+
+
+def _inputs(config, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    params = init_lstm(jax.random.key(seed), F, H, init="pytorch", **config)
+    # Non-zero biases everywhere so that a wrong gate order cannot hide.
+    params = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype), params)
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    L, D = params.num_layers, params.num_directions
+    x = rng.standard_normal((B, T, F)).astype(dtype)
+    h0 = rng.standard_normal((L * D, B, params.output_size)).astype(dtype)
+    c0 = rng.standard_normal((L * D, B, H)).astype(dtype)
+    return params, x, h0, c0
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_matches_numpy_reference(name, with_lengths):
+    params, x, h0, c0 = _inputs(CONFIGS[name])
+    lengths = np.array([6, 2, 4]) if with_lengths else None
+    run = jax.jit(lambda p, x, s, n: lstm(p, x, s, seq_lengths=n))
+    y, state = run(params, x, LSTMState(h0, c0), lengths)
+    y_ref, h_ref, c_ref = lstm_reference(params, x, h0, c0, lengths)
+    np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(state.h, h_ref, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(state.c, c_ref, rtol=2e-5, atol=2e-6)
+
+
+def test_float64_matches_reference_to_rounding(x64):
+    params, x, h0, c0 = _inputs(CONFIGS["all"], np.float64)
+    lengths = np.array([6, 1, 3])
+    y, state = lstm(params, x, LSTMState(h0, c0), seq_lengths=lengths)
+    assert y.dtype == jnp.float64 and state.c.dtype == jnp.float64
+    y_ref, h_ref, c_ref = lstm_reference(params, x, h0, c0, lengths)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(state.h, h_ref, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(state.c, c_ref, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["plain", "projected"])
+def test_scan_equals_python_loop_of_lstm_cell(name):
+    params, x, h0, c0 = _inputs(CONFIGS[name])
+    cell = params.layers[0][0]
+    state = LSTMState(jnp.asarray(h0[0]), jnp.asarray(c0[0]))
+    outputs = []
+    for t in range(T):
+        state, h = lstm_cell(cell, state, x[:, t])
+        outputs.append(h)
+    y, final = lstm(params, x, LSTMState(h0, c0))
+    np.testing.assert_allclose(y, jnp.stack(outputs, axis=1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(final.h[0], state.h, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(final.c[0], state.c, rtol=1e-6, atol=1e-6)
+
+
+def test_padded_batch_equals_sequences_run_alone():
+    params, x, h0, c0 = _inputs(CONFIGS["all"])
+    lengths = np.array([6, 2, 4])
+    y, state = lstm(params, x, LSTMState(h0, c0), seq_lengths=lengths)
+    for b, n in enumerate(lengths):
+        y_b, s_b = lstm(params, x[b : b + 1, :n], LSTMState(h0[:, b : b + 1], c0[:, b : b + 1]))
+        np.testing.assert_allclose(y[b, :n], y_b[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(y[b, n:], 0.0)
+        np.testing.assert_allclose(state.h[:, b], s_b.h[:, 0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state.c[:, b], s_b.c[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_layouts_and_unbatched_input():
+    params, x, h0, c0 = _inputs(CONFIGS["bidirectional"])
+    y, state = lstm(params, x, LSTMState(h0, c0))
+    y_tm, state_tm = lstm(params, np.swapaxes(x, 0, 1), LSTMState(h0, c0), batch_first=False)
+    np.testing.assert_allclose(np.swapaxes(y_tm, 0, 1), y, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(state_tm.h, state.h, rtol=1e-6, atol=1e-7)
+    y_1, state_1 = lstm(params, x[1], LSTMState(h0[:, 1], c0[:, 1]))
+    assert y_1.shape == (T, 2 * H) and state_1.h.shape == (2, H)
+    np.testing.assert_allclose(y_1, y[1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(state_1.c, state.c[:, 1], rtol=1e-6, atol=1e-7)
+
+
+def test_shapes_follow_torch():
+    params = init_lstm(jax.random.key(0), F, H, num_layers=3, bidirectional=True, proj_size=2)
+    y, state = lstm(params, jnp.ones((B, T, F)))
+    assert y.shape == (B, T, 2 * 2)
+    assert state.h.shape == (3 * 2, B, 2) and state.c.shape == (3 * 2, B, H)
+
+
+@pytest.mark.parametrize("name", ["plain", "all"])
+@pytest.mark.parametrize("remat", [False, True], ids=["saved", "remat"])
+def test_custom_vjp_equals_autodiff(name, remat):
+    params, x, h0, c0 = _inputs(CONFIGS[name])
+    lengths = np.array([6, 2, 5])
+    weights = np.random.default_rng(1).standard_normal((B, T, 1)).astype(np.float32)
+
+    def loss(params, x, h0, c0, custom_grad):
+        y, s = lstm(params, x, LSTMState(h0, c0), seq_lengths=lengths,
+                    custom_grad=custom_grad, remat=remat and custom_grad)
+        return jnp.sum(weights * y**2) + jnp.sum(jnp.sin(s.h)) + jnp.sum(s.c**2)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)
+    expected = grads(params, x, h0, c0, False)
+    got = grads(params, x, h0, c0, True)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_check_grads_numerically(x64):
+    params, x, h0, c0 = _inputs(CONFIGS["all"], np.float64)
+    lengths = np.array([6, 3, 1])
+
+    def f(params, x, h0, c0):
+        y, s = lstm(params, x, LSTMState(h0, c0), seq_lengths=lengths)
+        return jnp.sum(y * jnp.cos(y)) + jnp.sum(s.h**2) + jnp.sum(jnp.tanh(s.c))
+
+    check_grads(f, (params, jnp.asarray(x), jnp.asarray(h0), jnp.asarray(c0)), order=1,
+                modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_gate_and_state_order_are_pinned():
+    """Gate blocks are i, f, g, o; the state is (h, c)."""
+    hidden = 1
+    w_ih = jnp.zeros((1, 4))
+    w_hh = jnp.zeros((1, 4))
+    big = 30.0  # saturates a sigmoid to 1 and tanh to 1
+    # i open, f closed, g = tanh(0.5), o open: c' = tanh(0.5), h' = tanh(tanh(0.5)).
+    b = jnp.array([big, -big, 0.5, big])
+    params = lstm_jax.LSTMParams(((lstm_jax.LSTMCellParams(w_ih, w_hh, b),),))
+    state0 = LSTMState(jnp.zeros((1, 1, hidden)), jnp.full((1, 1, hidden), 7.0))
+    _, state = lstm(params, jnp.zeros((1, 1, 1)), state0)
+    assert state._fields == ("h", "c")
+    np.testing.assert_allclose(state.c[0, 0, 0], np.tanh(0.5), rtol=1e-6)
+    np.testing.assert_allclose(state.h[0, 0, 0], np.tanh(np.tanh(0.5)), rtol=1e-6)
+    # Forget gate open and input gate closed keeps the old cell: the second block is f.
+    b = jnp.array([-big, big, 0.5, big])
+    params = lstm_jax.LSTMParams(((lstm_jax.LSTMCellParams(w_ih, w_hh, b),),))
+    _, state = lstm(params, jnp.zeros((1, 1, 1)), state0)
+    np.testing.assert_allclose(state.c[0, 0, 0], 7.0, rtol=1e-6)
+
+
+def test_init_default_forget_bias_and_orthogonal_recurrence():
+    params = init_lstm(jax.random.key(3), 6, 8, num_layers=2, bidirectional=True, forget_bias=2.0)
+    for layer in params.layers:
+        for p in layer:
+            np.testing.assert_array_equal(p.b[8:16], 2.0)
+            np.testing.assert_array_equal(p.b[:8], 0.0)
+            np.testing.assert_array_equal(p.b[16:], 0.0)
+            for g in range(4):
+                block = np.asarray(p.w_hh[:, g * 8 : (g + 1) * 8])
+                np.testing.assert_allclose(block.T @ block, np.eye(8), atol=1e-5)
+    # LeCun normal: variance 1 / fan_in (0.1 is about 5 standard errors of 128 draws' variance).
+    w = np.asarray(init_lstm(jax.random.key(4), 64, 32).layers[0][0].w_ih)
+    assert abs(w.var() * 64 - 1.0) < 0.1
+
+
+def test_init_pytorch_bounds():
+    H_ = 16
+    params = init_lstm(jax.random.key(0), 4, H_, init="pytorch", forget_bias=0.0, proj_size=3)
+    p = params.layers[0][0]
+    k = 1 / np.sqrt(H_)
+    for w in (p.w_ih, p.w_hh, p.w_hr):
+        assert np.abs(w).max() <= k and np.abs(w).max() > 0.8 * k
+    assert np.abs(p.b).max() <= 2 * k
+
+
+def test_dropout_between_layers_only_with_key():
+    params, x, _, _ = _inputs(CONFIGS["two_layers"])
+    key = jax.random.key(7)
+    y_eval, _ = lstm(params, x)
+    np.testing.assert_array_equal(lstm(params, x, dropout=0.5)[0], y_eval)
+    np.testing.assert_array_equal(lstm(params, x, dropout=0.0, key=key)[0], y_eval)
+    y_a, _ = lstm(params, x, dropout=0.5, key=key)
+    y_b, _ = lstm(params, x, dropout=0.5, key=key)
+    np.testing.assert_array_equal(y_a, y_b)
+    assert not np.allclose(y_a, y_eval)
+    # The last layer's output is never dropped: a one-layer LSTM is unaffected.
+    single, x1, _, _ = _inputs(CONFIGS["plain"])
+    np.testing.assert_array_equal(lstm(single, x1, dropout=0.5, key=key)[0], lstm(single, x1)[0])
+
+
+def test_mixed_precision_close_to_float32():
+    params, x, h0, c0 = _inputs(CONFIGS["all"])
+    y32, s32 = lstm(params, x, LSTMState(h0, c0))
+    y16, s16 = lstm(params, x, LSTMState(h0, c0), compute_dtype=jnp.bfloat16)
+    assert y16.dtype == jnp.float32
+    rel = np.linalg.norm(y16 - y32) / np.linalg.norm(y32)
+    assert 0 < rel < 2e-2
+    params_bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    y_bf, s_bf = lstm(params_bf16, x.astype(jnp.bfloat16), LSTMState(h0, c0))
+    assert y_bf.dtype == jnp.bfloat16 and s_bf.h.dtype == jnp.bfloat16
+    rel = np.linalg.norm(np.asarray(y_bf, np.float32) - y32) / np.linalg.norm(y32)
+    assert rel < 3e-2
+    grads = jax.grad(lambda p: jnp.sum(lstm(p, x, compute_dtype=jnp.bfloat16)[0] ** 2))(params)
+    ref = jax.grad(lambda p: jnp.sum(lstm(p, x)[0] ** 2))(params)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+        assert g.dtype == jnp.float32
+        assert np.linalg.norm(g - r) <= 5e-2 * np.linalg.norm(r)
+
+
+def _hlo_without_shapes(steps):
+    params = init_lstm(jax.random.key(0), F, H, num_layers=2, bidirectional=True)
+
+    def loss(p, x):
+        return jnp.sum(lstm(p, x)[0])
+
+    text = jax.jit(jax.grad(loss)).lower(params, jnp.ones((B, steps, F))).as_text()
+    return re.sub(r"\d+", "N", text)
+
+
+def test_compiled_program_does_not_grow_with_sequence_length():
+    # The time loop is a scan: T only changes shapes, never the program (so compile time is flat).
+    assert _hlo_without_shapes(10) == _hlo_without_shapes(5000)
+
+
+ERRORS = [
+    (lambda p: lstm(p, jnp.ones((2, 3, F + 1))), "features"),
+    (lambda p: lstm(p, jnp.ones((2, 3, 4, F))), "rank"),
+    (lambda p: lstm(p, jnp.ones((2, 3, F)), LSTMState(jnp.zeros((1, 2, H)), jnp.zeros((1, 3, H)))),
+     r"initial_state.c has shape \(1, 3, 5\), expected \(1, 2, 5\)"),
+    (lambda p: lstm(p, jnp.ones((2, 3, F)), LSTMState(jnp.zeros((2, H)), jnp.zeros((1, 2, H)))),
+     "initial_state.h"),
+    (lambda p: lstm(p, jnp.ones((2, 3, F)), seq_lengths=jnp.array([1, 2, 3])), "seq_lengths has shape"),
+    (lambda p: lstm(p, jnp.ones((2, 3, F)), seq_lengths=jnp.array([1.0, 2.0])), "integers"),
+    (lambda p: lstm(p, jnp.ones((2, 3, F)), dropout=1.0), r"dropout must be a number in \[0, 1\)"),
+    (lambda p: lstm(p, jnp.ones((2, 3, F), jnp.int32)), "floating"),
+    (lambda p: lstm(p.layers, jnp.ones((2, 3, F))), "LSTMParams"),
+    (lambda p: init_lstm(jax.random.key(0), F, H, proj_size=H), "proj_size must be smaller"),
+    (lambda p: init_lstm(jax.random.key(0), 0, H), "input_size must be an integer >= 1"),
+    (lambda p: init_lstm(jax.random.key(0), F, -2), "hidden_size"),
+    (lambda p: init_lstm(jax.random.key(0), F, H, num_layers=0), "num_layers"),
+    (lambda p: init_lstm(jax.random.key(0), F, H, init="xavier"), "init must be"),
+]
+
+
+@pytest.mark.parametrize("call,message", ERRORS)
+def test_bad_input_raises_clear_error(call, message):
+    params = init_lstm(jax.random.key(0), F, H)
+    with pytest.raises(ValueError, match=message):
+        call(params)
+
+
+def test_errors_are_raised_at_trace_time_under_jit():
+    params = init_lstm(jax.random.key(0), F, H)
+    with pytest.raises(ValueError, match="features"):
+        jax.jit(lambda x: lstm(params, x))(jnp.ones((2, 3, F + 2)))
