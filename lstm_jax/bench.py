@@ -1,0 +1,802 @@
+"""Benchmark harness: lstm_jax against torch.nn.LSTM, Flax and ``jax.experimental.rnn``.
+
+Run it as ``python scripts/bench.py`` (or ``lstm-jax bench``) from the repository root::
+
+    python scripts/bench.py                                    # this backend's default table
+    python scripts/bench.py --shapes 32,100,128,256 1,1000,32,128 --repeats 20
+    python scripts/bench.py --shapes 32,100,128,256,L2,bi      # 2 layers, bidirectional
+    python scripts/bench.py --unroll 1,2,4,8 --only fwdbwd     # which unroll wins per shape
+
+Every implementation is timed in one process on the same random inputs: forward alone
+(``fwd``) and forward+backward (``fwdbwd``: the gradient of ``sum(y)`` with respect to the
+parameters and the input, jitted). Repeats are interleaved across implementations (round
+robin), so load from other processes on a shared machine hits all of them alike; the
+median is reported. JAX compile time is the wall time of ``jit(f).lower(...).compile()``.
+
+The table is printed and written to ``benchmarks/results/<machine>.md`` (``--out``):
+milliseconds, the ratio to torch.nn.LSTM in float32 (for half-precision rows: to torch's
+faster of fp16 and bf16), microseconds per time step, the FLOP count (forward
+``2*T*B*4H*(D+H)`` per layer and direction, forward+backward three times that), the achieved
+GFLOP/s and compile seconds.
+
+lstm_jax variants are ``Variant(label, kwargs)`` entries of :data:`LSTM_JAX_VARIANTS`: adding a
+backend is one line. A variant whose keyword arguments :func:`lstm_jax.lstm` rejects (an
+unknown argument, a backend that does not apply to the shape) is skipped with the reason.
+This is a benchmark, never a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- shapes
+
+
+class Shape(NamedTuple):
+    """One benchmark case: batch, time steps, input features, hidden size, layers, directions."""
+
+    B: int
+    T: int
+    D: int
+    H: int
+    layers: int = 1
+    bidirectional: bool = False
+
+    @property
+    def label(self) -> str:
+        s = f"{self.B},{self.T},{self.D},{self.H}"
+        if self.layers != 1:
+            s += f" L{self.layers}"
+        if self.bidirectional:
+            s += " bi"
+        return s
+
+    def forward_flops(self) -> int:
+        """Matrix-product FLOPs of the forward pass: 2*T*B*4H*(in+H) per layer and direction."""
+        dirs = 2 if self.bidirectional else 1
+        total = 0
+        for layer in range(self.layers):
+            in_size = self.D if layer == 0 else dirs * self.H
+            total += dirs * 2 * self.T * self.B * 4 * self.H * (in_size + self.H)
+        return total
+
+    def flops(self, mode: str) -> int:
+        return self.forward_flops() * (3 if mode == "fwdbwd" else 1)
+
+
+def parse_shape(text: str) -> Shape:
+    """``"B,T,D,H"`` with optional ``",L<layers>"`` and ``",bi"`` (e.g. ``"32,100,128,256,L2,bi"``)."""
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    try:
+        B, T, D, H = (int(p) for p in parts[:4])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: expected B,T,D,H[,L<n>][,bi]") from None
+    layers, bidirectional = 1, False
+    for extra in parts[4:]:
+        if extra.lower() == "bi":
+            bidirectional = True
+        elif re.fullmatch(r"[Ll]\d+", extra):
+            layers = int(extra[1:])
+        else:
+            raise argparse.ArgumentTypeError(f"shape {text!r}: unknown part {extra!r}")
+    if min(B, T, D, H, layers) < 1:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: sizes must be positive")
+    return Shape(B, T, D, H, layers, bidirectional)
+
+
+BI_SHAPE = Shape(32, 100, 128, 256, layers=2, bidirectional=True)
+# Issue 4's CPU targets, plus the 2-layer bidirectional case.
+CPU_SHAPES = [Shape(32, 100, 128, 256), Shape(1, 1000, 32, 128), Shape(128, 50, 512, 512), BI_SHAPE]
+# The full table (issue 4 and issue 7's latency-bound shapes).
+GPU_SHAPES = [
+    Shape(32, 100, 128, 256),
+    Shape(1, 1000, 32, 128),
+    Shape(128, 50, 512, 512),
+    Shape(64, 100, 256, 256),
+    Shape(8, 1000, 128, 256),
+    Shape(256, 100, 1024, 1024),
+    Shape(1, 500, 64, 64),
+    Shape(32, 200, 512, 512),
+    Shape(16, 500, 128, 128),
+    BI_SHAPE,
+]
+MODES = ("fwdbwd", "fwd")
+
+# ----------------------------------------------------------------------------- implementations
+
+
+class Variant(NamedTuple):
+    """An lstm_jax configuration: ``lstm(params, x, **kwargs)``.
+
+    ``gpu_only`` variants are left out on other backends unless ``--impls`` names them.
+    """
+
+    label: str
+    kwargs: dict
+    gpu_only: bool = False
+
+
+# One line per lstm_jax configuration to time. Issue 7 adds e.g.
+#   Variant("lstm_jax-pallas", {"backend": "pallas"}, gpu_only=True),
+LSTM_JAX_VARIANTS = [
+    Variant("lstm_jax", {}),
+    Variant("lstm_jax-autodiff", {"custom_grad": False}),
+    Variant("lstm_jax-bf16", {"compute_dtype": "bfloat16"}, gpu_only=True),
+]
+
+TORCH_HALF = ("torch-fp16", "torch-bf16")
+
+
+class Skip(Exception):
+    """An implementation does not apply here (missing library, rejected arguments, platform)."""
+
+
+class Prepared(NamedTuple):
+    run: Callable[[], None]  # one call, synchronised
+    compile_s: float | None
+
+
+class Impl(NamedTuple):
+    label: str
+    build: Callable[[Shape, str], Prepared]
+    half: bool = False  # compared with torch's faster half precision rather than torch fp32
+
+
+def _is_half(dtype) -> bool:
+    if dtype is None:
+        return False
+    import jax.numpy as jnp
+
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _random_input(shape: Shape, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((shape.B, shape.T, shape.D), np.float32)
+
+
+def _compile_jax(apply: Callable, params, x, mode: str, label: str) -> Prepared:
+    """jit + lower + compile ``apply(params, x) -> y`` (or its gradient); timed."""
+    import jax
+    import jax.numpy as jnp
+
+    if mode == "fwdbwd":
+
+        def loss(p, xx):
+            return jnp.sum(apply(p, xx).astype(jnp.float32))
+
+        fn = jax.grad(loss, argnums=(0, 1))
+    else:
+        fn = apply
+    t0 = time.perf_counter()
+    try:
+        lowered = jax.jit(fn).lower(params, x)
+    except Exception as e:  # rejected at trace time: unknown kwargs, unsupported shape
+        raise Skip(f"{label} rejected: {type(e).__name__}: {_first_line(e)}") from None
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+
+    def run():
+        jax.block_until_ready(compiled(params, x))
+
+    return Prepared(run, compile_s)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def lstm_jax_impl(variant: Variant) -> Impl:
+    def build(shape: Shape, mode: str) -> Prepared:
+        import jax
+        import jax.numpy as jnp
+
+        import lstm_jax
+
+        params = lstm_jax.init_lstm(
+            jax.random.key(0),
+            shape.D,
+            shape.H,
+            num_layers=shape.layers,
+            bidirectional=shape.bidirectional,
+        )
+        x = jnp.asarray(_random_input(shape))
+
+        def apply(p, xx):
+            return lstm_jax.lstm(p, xx, **variant.kwargs)[0]
+
+        return _compile_jax(apply, params, x, mode, variant.label)
+
+    return Impl(variant.label, build, half=_is_half(variant.kwargs.get("compute_dtype")))
+
+
+def flax_impl() -> Impl:
+    """``nn.RNN(nn.OptimizedLSTMCell)``, stacked and ``nn.Bidirectional`` as a Flax user writes it."""
+
+    def build(shape: Shape, mode: str) -> Prepared:
+        import jax
+        import jax.numpy as jnp
+
+        try:
+            import flax.linen as nn
+        except ImportError as e:
+            raise Skip(f"flax not importable: {e}") from None
+
+        class FlaxLSTM(nn.Module):
+            hidden: int
+            layers: int
+            bidirectional: bool
+
+            @nn.compact
+            def __call__(self, x):
+                for _ in range(self.layers):
+                    if self.bidirectional:
+                        x = nn.Bidirectional(
+                            nn.RNN(nn.OptimizedLSTMCell(self.hidden)),
+                            nn.RNN(nn.OptimizedLSTMCell(self.hidden)),
+                        )(x)
+                    else:
+                        x = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(x)
+                return x
+
+        model = FlaxLSTM(shape.H, shape.layers, shape.bidirectional)
+        x = jnp.asarray(_random_input(shape))
+        params = model.init(jax.random.key(0), x)
+        return _compile_jax(model.apply, params, x, mode, "flax")
+
+    return Impl("flax", build)
+
+
+def jax_rnn_impl() -> Impl:
+    """``jax.experimental.rnn.lstm``: cuDNN through JAX (GPU only, float32)."""
+
+    def build(shape: Shape, mode: str) -> Prepared:
+        import jax
+        import jax.numpy as jnp
+
+        if jax.default_backend() != "gpu":
+            raise Skip("jax.experimental.rnn has no lowering on " + jax.default_backend())
+        from jax.experimental import rnn
+
+        dirs = 2 if shape.bidirectional else 1
+        weights = rnn.init_lstm_weight(
+            jax.random.key(0), shape.D, shape.H, shape.layers, shape.bidirectional
+        )
+        state = jnp.zeros((shape.layers * dirs, shape.B, shape.H), jnp.float32)
+        lengths = jnp.full((shape.B,), shape.T, jnp.int32)
+        x = jnp.asarray(_random_input(shape))
+
+        def apply(w, xx):
+            return rnn.lstm(
+                xx, state, state, w, lengths, shape.D, shape.H, shape.layers, 0.0,
+                shape.bidirectional,
+            )[0]
+
+        return _compile_jax(apply, weights, x, mode, "jax.experimental.rnn")
+
+    return Impl("jax.experimental.rnn", build)
+
+
+def torch_impl(label: str, dtype_name: str) -> Impl:
+    """``torch.nn.LSTM`` (cuDNN on GPU, oneDNN/ATen on CPU) in ``dtype_name``."""
+
+    def build(shape: Shape, mode: str) -> Prepared:
+        try:
+            import torch
+        except ImportError as e:
+            raise Skip(f"torch not importable: {e}") from None
+        cuda = torch.cuda.is_available()
+        device = "cuda" if cuda else "cpu"
+        dtype = getattr(torch, dtype_name)
+        if dtype != torch.float32 and not cuda:
+            raise Skip(f"{label}: half precision timed on GPU only")
+        torch.manual_seed(0)
+        model = torch.nn.LSTM(
+            shape.D, shape.H, num_layers=shape.layers, bidirectional=shape.bidirectional,
+            batch_first=True,
+        ).to(device=device, dtype=dtype)
+        x = torch.from_numpy(_random_input(shape)).to(device=device, dtype=dtype)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        if mode == "fwdbwd":
+            x.requires_grad_(True)
+            inputs = list(model.parameters()) + [x]
+
+            def run():
+                y, _ = model(x)
+                torch.autograd.grad(y.float().sum(), inputs)
+                sync()
+        else:
+
+            def run():
+                with torch.no_grad():
+                    model(x)
+                sync()
+
+        return Prepared(run, None)
+
+    return Impl(label, build, half=dtype_name != "float32")
+
+
+def default_impls(backend: str, unrolls: list[int] | None = None) -> list[Impl]:
+    """Everything that applies on ``backend`` (``"cpu"``, ``"gpu"``, ...), in table order.
+
+    With ``unrolls``, each lstm_jax variant is timed once per unroll (labels ``"<label> u=K"``).
+    """
+    impls = []
+    for v in LSTM_JAX_VARIANTS:
+        if unrolls:
+            for u in unrolls:
+                impls.append(
+                    lstm_jax_impl(Variant(f"{v.label} u={u}", {**v.kwargs, "unroll": u}, v.gpu_only))
+                )
+        else:
+            impls.append(lstm_jax_impl(v))
+    impls.append(flax_impl())
+    impls.append(jax_rnn_impl())
+    impls.append(torch_impl("torch", "float32"))
+    impls.append(torch_impl("torch-fp16", "float16"))
+    impls.append(torch_impl("torch-bf16", "bfloat16"))
+    return impls
+
+
+def _gpu_only(label: str) -> bool:
+    base = label.split(" u=")[0]
+    if base in ("jax.experimental.rnn",) + TORCH_HALF:
+        return True
+    return any(v.label == base and v.gpu_only for v in LSTM_JAX_VARIANTS)
+
+
+def select_impls(impls: list[Impl], patterns: list[str] | None, backend: str) -> list[Impl]:
+    """Filters by fnmatch ``patterns`` on labels; GPU-only entries on GPU unless named."""
+    chosen = []
+    for impl in impls:
+        if patterns:
+            named = any(
+                fnmatch.fnmatchcase(impl.label, p) or fnmatch.fnmatchcase(impl.label.split(" u=")[0], p)
+                for p in patterns
+            )
+            if not named:
+                continue
+            exact = any(p in (impl.label, impl.label.split(" u=")[0]) for p in patterns)
+            if _gpu_only(impl.label) and backend != "gpu" and not exact:
+                continue
+        elif _gpu_only(impl.label) and backend != "gpu":
+            continue
+        chosen.append(impl)
+    return chosen
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+class Result(NamedTuple):
+    shape: Shape
+    mode: str
+    impl: str
+    ms: float | None
+    compile_s: float | None = None
+    status: str = "ok"  # "ok", "skip" or "error"
+    note: str = ""
+    half: bool = False
+
+
+def _calibrate(run: Callable[[], None], min_time: float) -> int:
+    """Calls per timed sample so that a sample lasts at least ``min_time`` seconds."""
+    once = math.inf
+    for _ in range(3):  # the fastest of three: one call descheduled by a busy machine misleads
+        t0 = time.perf_counter()
+        run()
+        once = min(once, time.perf_counter() - t0)
+    return max(1, min(1000, math.ceil(min_time / max(once, 1e-7))))
+
+
+def bench_case(
+    shape: Shape,
+    mode: str,
+    impls: list[Impl],
+    *,
+    repeats: int,
+    warmup: int,
+    min_time: float,
+    log: Callable[[str], None] = print,
+) -> list[Result]:
+    """Prepares every implementation for one shape and mode, then times them round robin."""
+    prepared, results = {}, {}
+    for impl in impls:
+        try:
+            p = impl.build(shape, mode)
+            for _ in range(warmup):
+                p.run()
+            inner = _calibrate(p.run, min_time)
+            prepared[impl.label] = (p, inner, [])
+        except Skip as e:
+            log(f"  skip {impl.label} at {shape.label} {mode}: {e}")
+            results[impl.label] = Result(shape, mode, impl.label, None, status="skip",
+                                         note=str(e), half=impl.half)
+        except Exception as e:  # a failing implementation must not stop the benchmark
+            log(f"  error {impl.label} at {shape.label} {mode}: {type(e).__name__}: {_first_line(e)}")
+            results[impl.label] = Result(shape, mode, impl.label, None, status="error",
+                                         note=f"{type(e).__name__}: {_first_line(e)}", half=impl.half)
+    order = list(prepared)
+    for r in range(repeats):
+        # Rotate the order so no implementation always follows the same neighbour.
+        k = r % max(1, len(order))
+        for label in order[k:] + order[:k]:
+            p, inner, samples = prepared[label]
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                p.run()
+            samples.append((time.perf_counter() - t0) / inner)
+    for impl in impls:
+        if impl.label in prepared:
+            p, _, samples = prepared[impl.label]
+            results[impl.label] = Result(
+                shape, mode, impl.label, 1e3 * statistics.median(samples), p.compile_s, half=impl.half
+            )
+    return [results[impl.label] for impl in impls]
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _reference_ms(rows: list[Result], half: bool) -> tuple[float | None, str]:
+    ms = {r.impl: r.ms for r in rows if r.ms is not None}
+    if half:
+        halves = [(ms[k], k) for k in TORCH_HALF if k in ms]
+        if halves:
+            best = min(halves)
+            return best[0], best[1]
+        return None, ""
+    return ms.get("torch"), "torch"
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
+
+
+def ratio(row: Result, rows: list[Result]) -> float | None:
+    """``row.ms`` over torch fp32's (half rows: over torch's faster half precision)."""
+    # torch's own half rows are compared with torch fp32: how much half precision buys.
+    half = row.half and row.impl not in TORCH_HALF
+    ref, _ = _reference_ms(rows, half)
+    if row.ms is None or ref is None:
+        return None
+    return row.ms / ref
+
+
+DETAIL_HEADER = (
+    "| shape B,T,D,H | mode | impl | ms | vs torch | us/step | GFLOP | GFLOP/s | compile s |"
+)
+
+
+def detail_table(results: list[Result]) -> str:
+    lines = [DETAIL_HEADER, "|" + "---|" * 9]
+    for shape, mode, rows in _groups(results):
+        for row in rows:
+            rat = ratio(row, rows)
+            if row.ms is None:
+                ms = row.status
+                per_step = gflops = "-"
+            else:
+                ms = _fmt(row.ms)
+                per_step = _fmt(1e3 * row.ms / shape.T)
+                gflops = _fmt(shape.flops(mode) / (row.ms * 1e-3) / 1e9)
+            rat_s = "-" if rat is None else f"{rat:.2f}x"
+            if rat is not None and row.half and row.impl not in TORCH_HALF:
+                rat_s += " (vs half)"
+            lines.append(
+                f"| {shape.label} | {_mode_label(mode)} | {row.impl} | {ms} | {rat_s} | {per_step} | "
+                f"{shape.flops(mode) / 1e9:.3g} | {gflops} | "
+                f"{'-' if row.compile_s is None else f'{row.compile_s:.2f}'} |"
+            )
+    return "\n".join(lines)
+
+
+def summary_table(results: list[Result]) -> str:
+    """One row per shape and mode: torch's milliseconds and every other ratio."""
+    labels = []
+    for r in results:
+        if r.impl not in labels:
+            labels.append(r.impl)
+    others = [lab for lab in labels if lab != "torch"]
+    head = ["shape B,T,D,H", "mode", "torch ms"] + others
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for shape, mode, rows in _groups(results):
+        by = {r.impl: r for r in rows}
+        torch_ms = by["torch"].ms if "torch" in by else None
+        cells = [shape.label, _mode_label(mode), _fmt(torch_ms)]
+        for lab in others:
+            row = by.get(lab)
+            if row is None or row.ms is None:
+                cells.append("-" if row is None else row.status)
+                continue
+            rat = ratio(row, rows)
+            cells.append(f"{rat:.2f}x" if rat is not None else f"{_fmt(row.ms)} ms")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def unroll_table(results: list[Result]) -> str:
+    """For an ``--unroll`` sweep: milliseconds per unroll and the winner, per variant and shape."""
+    sweeps: dict[tuple, dict[int, float]] = {}
+    for r in results:
+        m = re.fullmatch(r"(.+) u=(\d+)", r.impl)
+        if m and r.ms is not None:
+            sweeps.setdefault((r.shape, r.mode, m.group(1)), {})[int(m.group(2))] = r.ms
+    if not sweeps:
+        return ""
+    unrolls = sorted({u for d in sweeps.values() for u in d})
+    head = ["shape B,T,D,H", "mode", "variant"] + [f"u={u} ms" for u in unrolls] + ["best", "vs u=1"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (shape, mode, variant), d in sweeps.items():
+        best = min(d, key=d.get)
+        gain = f"{d[best] / d[1]:.2f}x" if 1 in d else "-"
+        cells = [shape.label, _mode_label(mode), variant]
+        cells += [(f"**{_fmt(d[u])}**" if u == best else _fmt(d[u])) if u in d else "-" for u in unrolls]
+        cells += [str(best), gain]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mode_label(mode: str) -> str:
+    return {"fwdbwd": "fwd+bwd", "fwd": "fwd"}.get(mode, mode)
+
+
+def _groups(results: list[Result]):
+    keys = []
+    for r in results:
+        if (r.shape, r.mode) not in keys:
+            keys.append((r.shape, r.mode))
+    for shape, mode in keys:
+        yield shape, mode, [r for r in results if r.shape == shape and r.mode == mode]
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def machine_name() -> str:
+    """``cpu-<n>core`` on CPU, the slugged device kind on an accelerator (``nvidia-h100-80gb-hbm3``)."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return f"cpu-{os.cpu_count()}core"
+    kind = jax.devices()[0].device_kind
+    return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> list[str]:
+    import jax
+
+    import lstm_jax
+
+    lines = []
+    backend = jax.default_backend()
+    if backend == "cpu":
+        lines.append(f"- machine: {_cpu_model()}, {os.cpu_count()} cores, {platform.platform()}")
+    else:
+        lines.append(f"- device: {jax.devices()[0].device_kind} ({backend}); host {_cpu_model()}, "
+                     f"{os.cpu_count()} cores")
+    versions = [f"python {platform.python_version()}", f"jax {jax.__version__}"]
+    try:
+        import jaxlib
+
+        versions.append(f"jaxlib {jaxlib.__version__}")
+    except ImportError:
+        pass
+    try:
+        import flax
+
+        versions.append(f"flax {flax.__version__}")
+    except ImportError:
+        versions.append("flax not installed")
+    try:
+        import torch
+
+        t = f"torch {torch.__version__} ({torch.get_num_threads()} threads"
+        if torch.cuda.is_available():
+            t += f", {torch.cuda.get_device_name()}, cuDNN {torch.backends.cudnn.version()}, "
+            t += f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}"
+        versions.append(t + ")")
+    except ImportError:
+        versions.append("torch not installed")
+    lines.append("- versions: " + ", ".join(versions))
+    lines.append(
+        f"- lstm_jax {lstm_jax.__version__}, default unroll on {backend}: {lstm_jax.default_unroll()}; "
+        f"jax_default_matmul_precision={jax.config.jax_default_matmul_precision}"
+    )
+    if flags := os.environ.get("XLA_FLAGS"):
+        lines.append(f"- XLA_FLAGS={flags}")
+    return lines
+
+
+def _load() -> str:
+    try:
+        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def render(results: list[Result], header: list[str], footer: list[str]) -> str:
+    parts = ["\n".join(header), "## Summary (ratio to torch.nn.LSTM fp32; half-precision rows: to torch's faster of fp16/bf16)",
+             summary_table(results)]
+    unroll = unroll_table(results)
+    if unroll:
+        parts += ["## Unroll sweep (milliseconds; best in bold)", unroll]
+    parts += ["## Details", detail_table(results)]
+    if footer:
+        parts.append("\n".join(footer))
+    return "\n\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _unroll_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--unroll {text!r}: expected integers like 1,2,4,8") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"--unroll {text!r}: expected positive integers")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lstm-jax bench",
+        description="Time lstm_jax against torch.nn.LSTM, Flax's OptimizedLSTMCell and "
+        "jax.experimental.rnn; print a Markdown table and write it to benchmarks/results/.",
+    )
+    p.add_argument("--shapes", nargs="+", type=parse_shape, metavar="B,T,D,H[,L2][,bi]",
+                   help="shapes to time (default: --cpu-shapes on CPU, --gpu-shapes elsewhere)")
+    table = p.add_mutually_exclusive_group()
+    table.add_argument("--cpu-shapes", action="store_true",
+                       help="issue 4's three CPU shapes plus 32,100,128,256 L2 bi")
+    table.add_argument("--gpu-shapes", "--gpu", action="store_true", help="the full table")
+    p.add_argument("--repeats", type=int, default=10, help="timed samples per case (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    p.add_argument("--min-time", type=float, default=0.02,
+                   help="seconds per timed sample: fast calls are repeated inside a sample")
+    p.add_argument("--only", choices=MODES, help="time only forward+backward or only forward")
+    p.add_argument("--unroll", type=_unroll_list, metavar="1,2,4,8",
+                   help="time each lstm_jax variant at these unrolls and report the winner "
+                   "(default impls then: lstm_jax and torch)")
+    p.add_argument("--impls", type=lambda s: [v for v in s.split(",") if v], metavar="PATTERNS",
+                   help="comma-separated labels or fnmatch patterns, e.g. 'lstm_jax*,torch*'")
+    p.add_argument("--out", type=Path,
+                   help="Markdown file (default benchmarks/results/<machine>.md; "
+                   "<machine>-unroll.md for a sweep)")
+    p.add_argument("--max-seconds", type=float,
+                   help="start no new shape after this many seconds (partial table kept)")
+    p.add_argument("--notes", type=Path, help="a Markdown file appended to the results file")
+    return p
+
+
+def run_benchmarks(
+    shapes: list[Shape],
+    impls: list[Impl],
+    modes=MODES,
+    *,
+    repeats: int = 10,
+    warmup: int = 2,
+    min_time: float = 0.02,
+    max_seconds: float | None = None,
+    on_case: Callable[[list[Result]], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Result]:
+    """Times every implementation on every shape and mode; returns the results in table order."""
+    results: list[Result] = []
+    start = time.perf_counter()
+    for i, shape in enumerate(shapes):
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            log(f"time budget of {max_seconds:.0f} s spent: not run: "
+                + "; ".join(s.label for s in shapes[i:]))
+            break
+        for mode in modes:
+            log(f"{shape.label} {_mode_label(mode)} (load {_load()})")
+            case = bench_case(shape, mode, impls, repeats=repeats, warmup=warmup,
+                              min_time=min_time, log=log)
+            for r in case:
+                if r.ms is not None:
+                    comp = "" if r.compile_s is None else f", compile {r.compile_s:.2f} s"
+                    log(f"  {r.impl}: {r.ms:.3f} ms{comp}")
+            results += case
+            if on_case is not None:
+                on_case(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Let JAX and torch share the accelerator's memory: allocate on demand, not 75% up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    args = build_parser().parse_args(argv)
+    import jax
+
+    backend = jax.default_backend()
+    if args.shapes:
+        shapes = args.shapes
+    elif args.cpu_shapes or (backend == "cpu" and not args.gpu_shapes):
+        shapes = CPU_SHAPES
+    else:
+        shapes = GPU_SHAPES
+    patterns = args.impls
+    if patterns is None and args.unroll:
+        patterns = ["lstm_jax", "torch"]
+    impls = select_impls(default_impls(backend, args.unroll), patterns, backend)
+    if not impls:
+        print(f"no implementation matches --impls {','.join(patterns or [])}", file=sys.stderr)
+        return 2
+    modes = (args.only,) if args.only else MODES
+    machine = machine_name()
+    out = args.out or Path("benchmarks/results") / (
+        f"{machine}-unroll.md" if args.unroll else f"{machine}.md"
+    )
+    command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = [
+        f"# lstm_jax benchmark: {machine}",
+        "",
+        *environment(),
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- command: `{command.strip()}`",
+        f"- method: median of {args.repeats} samples after {args.warmup} warm-up calls, repeats "
+        "interleaved across implementations; each sample lasts >= "
+        f"{args.min_time * 1e3:.0f} ms (fast calls repeated inside it), every call synchronised "
+        "(block_until_ready / torch.cuda.synchronize). fwd+bwd: gradient of sum(y) with respect "
+        "to the parameters and x (jitted for JAX; torch.autograd.grad); fwd: y alone "
+        "(torch under no_grad). float32 unless labelled, each library's default matmul precision.",
+        "- GFLOP: matrix products only, forward 2*T*B*4H*(D+H) per layer and direction, "
+        "fwd+bwd 3x. compile s: jit(f).lower(...).compile() wall time.",
+        f"- load average (1/5/15 min) at start: {_load()}",
+    ]
+    notes = [args.notes.read_text()] if args.notes else []
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(results, done=False):
+        footer = ["(partial: still running)"]
+        if done:
+            footer = [f"- load average at end: {_load()}"]
+            missing = [s.label for s in shapes if s not in {r.shape for r in results}]
+            if missing:
+                footer.append(f"- not run (--max-seconds {args.max_seconds:g}): {'; '.join(missing)}")
+        out.write_text(render(results, header, footer + notes))
+
+    results = run_benchmarks(
+        shapes, impls, modes, repeats=args.repeats, warmup=args.warmup, min_time=args.min_time,
+        max_seconds=args.max_seconds, on_case=write,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    write(results, done=True)
+    print(render(results, header, []))
+    print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

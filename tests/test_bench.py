@@ -1,0 +1,86 @@
+"""The benchmark harness runs end to end on a tiny shape (structure only: no timing assertions)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lstm_jax import bench
+
+
+def _rows(table: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(title)
+    body = text[start:].split("\n\n", 2)[1]
+    return body
+
+
+def test_parse_shape():
+    assert bench.parse_shape("32,100,128,256") == bench.Shape(32, 100, 128, 256)
+    s = bench.parse_shape("32,100,128,256,L2,bi")
+    assert (s.layers, s.bidirectional, s.label) == (2, True, "32,100,128,256 L2 bi")
+    assert bench.Shape(32, 100, 128, 256).forward_flops() == 2 * 100 * 32 * 4 * 256 * (128 + 256)
+    # Layer 2 of a bidirectional stack reads both directions of layer 1.
+    assert s.forward_flops() == 2 * 2 * 100 * 32 * 1024 * ((128 + 256) + (512 + 256))
+    with pytest.raises(Exception):
+        bench.parse_shape("32,100,128")
+
+
+def test_bench_main_tiny(tmp_path, capsys):
+    out = tmp_path / "tiny.md"
+    assert bench.main(["--shapes", "2,3,3,4", "--repeats", "1", "--warmup", "0",
+                       "--min-time", "0", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# lstm_jax benchmark: ")
+    assert "- command: `" in text and "- versions: " in text and "jax " in text
+    assert "## Details" in capsys.readouterr().out  # the table is printed too
+
+    rows = _rows(_section(text, "## Details"))
+    assert rows[0] == ["shape B,T,D,H", "mode", "impl", "ms", "vs torch", "us/step", "GFLOP",
+                       "GFLOP/s", "compile s"]
+    assert set(rows[1]) == {"---"}
+    table = {(r[1], r[2]): r for r in rows[2:]}
+    impls = {impl for _, impl in table}
+    assert {"lstm_jax", "lstm_jax-autodiff", "flax"} <= impls
+    for mode in ("fwd+bwd", "fwd"):
+        row = table[(mode, "lstm_jax")]
+        assert row[0] == "2,3,3,4"
+        assert float(row[3]) > 0 and float(row[5]) > 0 and float(row[8]) > 0
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    for mode in ("fwd+bwd", "fwd"):
+        torch_row = table[(mode, "torch")]
+        assert float(torch_row[3]) > 0 and torch_row[4] == "1.00x" and torch_row[8] == "-"
+        assert re.fullmatch(r"\d+\.\d\dx", table[(mode, "lstm_jax")][4])
+    summary = _rows(_section(text, "## Summary"))
+    assert summary[0][:3] == ["shape B,T,D,H", "mode", "torch ms"]
+    assert len(summary) == 4  # header, rule, fwd+bwd, fwd
+
+
+def test_rejected_variant_is_skipped():
+    impls = [bench.lstm_jax_impl(bench.Variant("lstm_jax-bogus", {"no_such_argument": 1})),
+             bench.lstm_jax_impl(bench.Variant("lstm_jax u=2", {"unroll": 2}))]
+    logged = []
+    results = bench.run_benchmarks([bench.Shape(2, 3, 3, 4)], impls, ("fwd",), repeats=1,
+                                   warmup=0, min_time=0.0, log=logged.append)
+    assert [r.status for r in results] == ["skip", "ok"]
+    assert "no_such_argument" in results[0].note
+    assert any("skip lstm_jax-bogus" in line for line in logged)
+    assert "lstm_jax-bogus" in bench.summary_table(results)
+    sweep = bench.unroll_table(results)
+    assert "| 2,3,3,4 | fwd | lstm_jax |" in sweep
+
+
+def test_select_impls():
+    cpu = [i.label for i in bench.select_impls(bench.default_impls("cpu"), None, "cpu")]
+    assert "lstm_jax-bf16" not in cpu and "jax.experimental.rnn" not in cpu and "torch" in cpu
+    gpu = [i.label for i in bench.select_impls(bench.default_impls("gpu"), None, "gpu")]
+    assert {"lstm_jax-bf16", "jax.experimental.rnn", "torch-fp16", "torch-bf16"} <= set(gpu)
+    sweep = bench.select_impls(bench.default_impls("cpu", [1, 4]), ["lstm_jax", "torch"], "cpu")
+    assert [i.label for i in sweep] == ["lstm_jax u=1", "lstm_jax u=4", "torch"]
