@@ -1,0 +1,24 @@
+"""Optional LSTM backends, chosen by the core; a kernel never owns parameters.
+
+* :func:`pallas_recurrence`: a persistent Pallas kernel for one layer's time loop (GPU via
+  Triton; any platform with ``interpret=True``), same contract as the scan recurrence.
+* :func:`cudnn_lstm`: the whole stack through ``jax.experimental.rnn`` (cuDNN; GPU, float32,
+  no projection).
+* :func:`choose_backend`: picks ``"scan"``, ``"pallas"`` or ``"cudnn"`` per platform and shape.
+"""
+
+from lstm_jax.kernels.cudnn import cudnn_lstm as cudnn_lstm
+from lstm_jax.kernels.cudnn import to_cudnn_weights as to_cudnn_weights
+from lstm_jax.kernels.pallas_lstm import fits_on_chip as fits_on_chip
+from lstm_jax.kernels.pallas_lstm import pallas_recurrence as pallas_recurrence
+from lstm_jax.kernels.select import BACKENDS as BACKENDS
+from lstm_jax.kernels.select import choose_backend as choose_backend
+
+__all__ = [
+    "BACKENDS",
+    "choose_backend",
+    "cudnn_lstm",
+    "fits_on_chip",
+    "pallas_recurrence",
+    "to_cudnn_weights",
+]

@@ -1,0 +1,430 @@
+"""A persistent LSTM recurrence in Pallas (Triton lowering on GPU).
+
+The time loop of one layer runs *inside* one kernel (Diamos et al. 2016, "Persistent RNNs"):
+each program owns a tile of ``block_b`` batch rows and the whole recurrent weight, keeps
+``h`` and ``c`` in registers, fuses the gate math, and walks all T steps without returning
+to the host. A ``lax.scan`` pays a kernel launch and loop bookkeeping per step (~20 us on an
+H100); here a step costs one small matrix product plus the elementwise work.
+
+Same contract as :func:`lstm_jax._recurrence.recurrence` (gate order i, f, g, o; masked
+steps carry the state unchanged and output zero) and the same backward design: the
+backward kernel walks time in reverse carrying only ``(dh, dc)`` and emits ``dz_t``; the
+weight gradient is then one large product over all steps outside the kernel, and the
+gradient of ``xw`` is ``dz`` itself.
+
+Layout inside the kernels. Every array a Triton kernel touches must have a power-of-two
+number of elements and ``tl.dot`` needs every dimension >= 16, so the wrapper pads the
+batch to a multiple of ``block_b`` (>= 16) and each gate block of the hidden size to
+``hp = next_power_of_2(max(H, 16))``. Padded hidden units stay exactly zero (their
+pre-activations are 0, so c stays 0 and h = sigmoid(0) * tanh(0) = 0) and padded batch
+rows are masked, so padding never changes the numbers. The four gates use four separate
+products (``h @ W_gate``) so the kernel never slices a register tensor.
+
+On-chip budget: ``W_hh`` takes ``H_out * 4H * itemsize`` bytes: 64 KiB at H = 64 in float32,
+256 KiB at H = 128. When it is at most :data:`RESIDENT_BYTES` it is loaded once before the
+loop and stays on chip (registers / shared memory); above that the kernel re-reads it from
+L2 every step (``resident=False``), which is correct but bandwidth-bound. An H100 SM has
+256 KiB of registers and up to 227 KiB of shared memory, so float32 H = 128 cannot stay
+resident in one program; :func:`fits_on_chip` says which shapes the automatic selection
+may consider.
+
+References: Diamos et al. 2016 (persistent RNNs); Appleyard et al. 2016 (cuDNN's RNN
+optimisations); Hochreiter & Schmidhuber 1997.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+Array = jax.Array
+
+# W_hh at or below this size is loaded once and kept on chip for the whole loop.
+RESIDENT_BYTES = 64 * 1024
+# Largest hidden size the kernel accepts at all (above it a single gate tile of W no
+# longer fits a program's registers plus shared memory even when streamed).
+MAX_HIDDEN = 128
+MIN_TILE = 16  # tl.dot needs M, N, K >= 16
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def padded_hidden(hidden: int) -> int:
+    """Hidden size as the kernel sees it: a power of two, at least 16."""
+    return _next_pow2(max(hidden, MIN_TILE))
+
+
+def recurrent_weight_bytes(hidden: int, dtype=jnp.float32) -> int:
+    """Bytes of the (padded) recurrent weight one program keeps on chip."""
+    hp = padded_hidden(hidden)
+    return hp * 4 * hp * jnp.dtype(dtype).itemsize
+
+
+def fits_on_chip(hidden: int, dtype=jnp.float32) -> bool:
+    """Whether W_hh can stay resident in one program for the whole time loop."""
+    return hidden <= MAX_HIDDEN and recurrent_weight_bytes(hidden, dtype) <= RESIDENT_BYTES
+
+
+def default_num_warps(hidden: int) -> int:
+    # 8 warps spread a resident 64x256 float32 W_hh over 256 threads (64 registers each).
+    return 4 if padded_hidden(hidden) <= 32 else 8
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+    """Triton compiler parameters under their name in this JAX version.
+
+    Without them JAX >= 0.10 lowers Pallas GPU kernels with Mosaic GPU, not Triton.
+    """
+    with warnings.catch_warnings():
+        # JAX 0.11 deprecates the Triton backend; importing it must not fail a test run.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from jax.experimental.pallas import triton as pltriton
+        except ImportError:  # pragma: no cover - very old or very new JAX
+            pltriton = None
+    for owner, name in ((pltriton, "CompilerParams"), (pltriton, "TritonCompilerParams"),
+                        (pl, "TritonCompilerParams")):
+        cls = getattr(owner, name, None) if owner is not None else None
+        if cls is not None:
+            return cls(num_warps=num_warps, num_stages=num_stages)
+    raise RuntimeError(
+        "this JAX has no Pallas Triton backend (jax.experimental.pallas.triton.CompilerParams);"
+        ' use backend="scan" or "cudnn"'
+    )
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _gate(ref, t, g, hp):
+    """Gate block g of time step t of a (T, Bt, 4*hp) ref: a (Bt, hp) tile."""
+    return ref[t, :, pl.ds(g * hp, hp)]
+
+
+def _forward_kernel(xw_ref, m_ref, w_ref, h0_ref, c0_ref, *out_refs,
+                    steps, hp, precision, resident, save):
+    if save:
+        ys_ref, h_ref, c_ref, acts_ref, cprev_ref = out_refs
+    else:
+        ys_ref, h_ref, c_ref = out_refs
+    f32 = jnp.float32
+
+    def load_w():
+        return [w_ref[:, pl.ds(g * hp, hp)] for g in range(4)]
+
+    def load_step(t):
+        return tuple(_gate(xw_ref, t, g, hp).astype(f32) for g in range(4)), m_ref[t, :]
+
+    w_resident = load_w() if resident else None
+
+    def body(t, carry):
+        h, c, (xs, m) = carry
+        # Prefetch the next step's inputs: their latency hides behind this step's work.
+        nxt = load_step(jnp.minimum(t + 1, steps - 1))
+        w = w_resident if resident else load_w()
+        hw = h.astype(w[0].dtype)
+        z = [xs[g] + jnp.dot(hw, w[g], precision=precision, preferred_element_type=f32)
+             for g in range(4)]
+        i, f, o = jax.nn.sigmoid(z[0]), jax.nn.sigmoid(z[1]), jax.nn.sigmoid(z[3])
+        g = jnp.tanh(z[2])
+        c_new = f * c + i * g
+        h_new = (o * jnp.tanh(c_new)).astype(h.dtype)
+        valid = (m > 0.5)[:, None]
+        if save:
+            for k, a in enumerate((i, f, g, o)):
+                acts_ref[t, :, pl.ds(k * hp, hp)] = a
+            cprev_ref[t] = c
+        ys_ref[t] = jnp.where(valid, h_new, jnp.zeros_like(h_new)).astype(ys_ref.dtype)
+        # Past a sequence's end the state is carried unchanged.
+        return jnp.where(valid, h_new, h), jnp.where(valid, c_new, c), nxt
+
+    init = (h0_ref[...], c0_ref[...].astype(f32), load_step(0))
+    h, c, _ = jax.lax.fori_loop(0, steps, body, init)
+    h_ref[...] = h.astype(h_ref.dtype)
+    c_ref[...] = c.astype(c_ref.dtype)
+
+
+def _backward_kernel(dys_ref, acts_ref, cprev_ref, m_ref, wt_ref, dh_ref, dc_ref,
+                     dz_ref, dh0_ref, dc0_ref, *, steps, hp, precision, resident):
+    f32 = jnp.float32
+
+    def load_wt():
+        # wt_ref is W_hh^T: (4*hp, hp_out); its gate block k is (hp, hp_out).
+        return [wt_ref[pl.ds(k * hp, hp), :] for k in range(4)]
+
+    def load_step(t):
+        acts = tuple(_gate(acts_ref, t, k, hp).astype(f32) for k in range(4))
+        return acts, cprev_ref[t].astype(f32), dys_ref[t].astype(f32), m_ref[t, :]
+
+    wt_resident = load_wt() if resident else None
+
+    def body(s, carry):
+        t = steps - 1 - s
+        dh, dc, ((i, f, g, o), c_prev, dy, m) = carry
+        nxt = load_step(jnp.maximum(t - 1, 0))
+        wt = wt_resident if resident else load_wt()
+        dh_total = dh + dy
+        tanh_c = jnp.tanh(f * c_prev + i * g)
+        dc_total = dc + dh_total * o * (1.0 - tanh_c * tanh_c)
+        valid = (m > 0.5)[:, None]
+        dz = [
+            dc_total * g * i * (1.0 - i),
+            dc_total * c_prev * f * (1.0 - f),
+            dc_total * i * (1.0 - g * g),
+            dh_total * tanh_c * o * (1.0 - o),
+        ]
+        dz = [jnp.where(valid, d, jnp.zeros_like(d)) for d in dz]
+        for k in range(4):
+            dz_ref[t, :, pl.ds(k * hp, hp)] = dz[k].astype(dz_ref.dtype)
+        dh_prev = jnp.dot(dz[0].astype(wt[0].dtype), wt[0], precision=precision,
+                          preferred_element_type=f32)
+        for k in range(1, 4):
+            dh_prev = dh_prev + jnp.dot(dz[k].astype(wt[k].dtype), wt[k],
+                                        precision=precision, preferred_element_type=f32)
+        dc_prev = dc_total * f
+        return jnp.where(valid, dh_prev, dh), jnp.where(valid, dc_prev, dc), nxt
+
+    init = (dh_ref[...].astype(f32), dc_ref[...].astype(f32), load_step(steps - 1))
+    dh, dc, _ = jax.lax.fori_loop(0, steps, body, init)
+    dh0_ref[...] = dh.astype(dh0_ref.dtype)
+    dc0_ref[...] = dc.astype(dc0_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- padding
+
+
+def _pad_gates(a: Array, hidden: int, hp: int) -> Array:
+    """Pads each of the four gate blocks of the last axis from ``hidden`` to ``hp``."""
+    if hp == hidden:
+        return a
+    a = a.reshape(a.shape[:-1] + (4, hidden))
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, hp - hidden)])
+    return a.reshape(a.shape[:-2] + (4 * hp,))
+
+
+def _unpad_gates(a: Array, hidden: int, hp: int) -> Array:
+    if hp == hidden:
+        return a
+    a = a.reshape(a.shape[:-1] + (4, hp))[..., :hidden]
+    return a.reshape(a.shape[:-2] + (4 * hidden,))
+
+
+def _pad(a: Array, widths) -> Array:
+    if all(w == 0 for w in widths):
+        return a
+    return jnp.pad(a, [(0, w) for w in widths])
+
+
+def _geometry(xw, w_hh, block_b):
+    steps, batch, four_h = xw.shape
+    hidden = four_h // 4
+    hp = padded_hidden(hidden)
+    bp = -(-batch // block_b) * block_b
+    return steps, batch, hidden, hp, bp
+
+
+def _float_mask(mask, steps, batch, bp):
+    m = jnp.ones((steps, batch), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    return _pad(m, (0, bp - batch))
+
+
+def _run_forward(config, xw, w_hh, h0, c0, mask, save):
+    interpret, precision, block_b, num_warps, resident = config
+    steps, batch, hidden, hp, bp = _geometry(xw, w_hh, block_b)
+    f32 = jnp.float32
+    xw_p = _pad(_pad_gates(xw, hidden, hp), (0, bp - batch, 0))
+    w_p = _pad(_pad_gates(w_hh, hidden, hp), (hp - hidden, 0))
+    h0_p = _pad(h0, (bp - batch, hp - hidden))
+    c0_p = _pad(c0, (bp - batch, hp - hidden))
+    m_p = _float_mask(mask, steps, batch, bp)
+    if resident is None:
+        resident = recurrent_weight_bytes(hidden, w_hh.dtype) <= RESIDENT_BYTES
+    nw = num_warps or default_num_warps(hidden)
+
+    seq = lambda last: pl.BlockSpec((steps, block_b, last), lambda b: (0, b, 0))  # noqa: E731
+    state = pl.BlockSpec((block_b, hp), lambda b: (b, 0))
+    out_shape = [
+        jax.ShapeDtypeStruct((steps, bp, hp), h0.dtype),
+        jax.ShapeDtypeStruct((bp, hp), h0.dtype),
+        jax.ShapeDtypeStruct((bp, hp), c0.dtype),
+    ]
+    out_specs = [seq(hp), state, state]
+    if save:
+        out_shape += [jax.ShapeDtypeStruct((steps, bp, 4 * hp), f32),
+                      jax.ShapeDtypeStruct((steps, bp, hp), f32)]
+        out_specs += [seq(4 * hp), seq(hp)]
+    kernel = functools.partial(_forward_kernel, steps=steps, hp=hp, precision=precision,
+                               resident=resident, save=save)
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(bp // block_b,),
+        in_specs=[
+            seq(4 * hp),
+            pl.BlockSpec((steps, block_b), lambda b: (0, b)),
+            pl.BlockSpec((hp, 4 * hp), lambda b: (0, 0)),
+            state,
+            state,
+        ],
+        out_specs=out_specs,
+        compiler_params=_compiler_params(nw, 1),
+        interpret=interpret,
+        name="lstm_forward",
+    )(xw_p, m_p, w_p, h0_p, c0_p)
+    ys_p, h_p, c_p = outs[:3]
+    ys = ys_p[:, :batch, :hidden]
+    result = (ys, (h_p[:batch, :hidden], c_p[:batch, :hidden]))
+    if not save:
+        return result, None
+    return result, (outs[3], outs[4], m_p)
+
+
+def _run_backward(config, w_hh, acts_p, cprev_p, m_p, dys, dh_T, dc_T):
+    interpret, precision, block_b, num_warps, resident = config
+    steps, bp, four_hp = acts_p.shape
+    hp = four_hp // 4
+    batch, hidden = dh_T.shape
+    f32 = jnp.float32
+    # W_hh^T with gate blocks as rows: (4*hp, hp), so dh_prev = sum_k dz_k @ wt_k.
+    wt_p = _pad(_pad_gates(w_hh, hidden, hp), (hp - hidden, 0)).T
+    dys_p = _pad(dys.astype(f32), (0, bp - batch, hp - hidden))
+    dh_p = _pad(dh_T.astype(f32), (bp - batch, hp - hidden))
+    dc_p = _pad(dc_T.astype(f32), (bp - batch, hp - hidden))
+    if resident is None:
+        resident = recurrent_weight_bytes(hidden, w_hh.dtype) <= RESIDENT_BYTES
+    nw = num_warps or default_num_warps(hidden)
+
+    seq = lambda last: pl.BlockSpec((steps, block_b, last), lambda b: (0, b, 0))  # noqa: E731
+    state = pl.BlockSpec((block_b, hp), lambda b: (b, 0))
+    kernel = functools.partial(_backward_kernel, steps=steps, hp=hp, precision=precision,
+                               resident=resident)
+    dz_p, dh0_p, dc0_p = pl.pallas_call(
+        kernel,
+        out_shape=[
+            jax.ShapeDtypeStruct((steps, bp, 4 * hp), f32),
+            jax.ShapeDtypeStruct((bp, hp), f32),
+            jax.ShapeDtypeStruct((bp, hp), f32),
+        ],
+        grid=(bp // block_b,),
+        in_specs=[
+            seq(hp),
+            seq(4 * hp),
+            seq(hp),
+            pl.BlockSpec((steps, block_b), lambda b: (0, b)),
+            pl.BlockSpec((4 * hp, hp), lambda b: (0, 0)),
+            state,
+            state,
+        ],
+        out_specs=[seq(4 * hp), state, state],
+        compiler_params=_compiler_params(nw, 1),
+        interpret=interpret,
+        name="lstm_backward",
+    )(dys_p, acts_p, cprev_p, m_p, wt_p, dh_p, dc_p)
+    dz = _unpad_gates(dz_p[:, :batch], hidden, hp)
+    return dz, dh0_p[:batch, :hidden], dc0_p[:batch, :hidden]
+
+
+# ----------------------------------------------------------------------------- custom VJP
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pallas_core(config, xw, w_hh, h0, c0, mask):
+    result, _ = _run_forward(config, xw, w_hh, h0, c0, mask, save=False)
+    return result
+
+
+def _pallas_core_fwd(config, xw, w_hh, h0, c0, mask):
+    (ys, (h, c)), (acts_p, cprev_p, m_p) = _run_forward(config, xw, w_hh, h0, c0, mask, save=True)
+    return (ys, (h, c)), (w_hh, h0, c0, ys, acts_p, cprev_p, m_p)
+
+
+def _pallas_core_bwd(config, residuals, cotangents):
+    w_hh, h0, c0, ys, acts_p, cprev_p, m_p = residuals
+    dys, (dh_T, dc_T) = cotangents
+    dz, dh0, dc0 = _run_backward(config, w_hh, acts_p, cprev_p, m_p, dys, dh_T, dc_T)
+    # One product over all (t, b): h_{t-1} is y_{t-1}, valid wherever dz is non-zero
+    # (masked steps have dz = 0), exactly as the scan backend does it.
+    h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
+    dw_hh = jnp.einsum("tbk,tbg->kg", h_prev, dz.astype(h_prev.dtype),
+                       preferred_element_type=jnp.float32)
+    return (
+        dz.astype(c0.dtype),  # xw has the accumulation dtype, as c0
+        dw_hh.astype(w_hh.dtype),
+        dh0.astype(h0.dtype),
+        dc0.astype(c0.dtype),
+        None,
+    )
+
+
+_pallas_core.defvjp(_pallas_core_fwd, _pallas_core_bwd)
+
+
+def pallas_recurrence(
+    xw: Array,
+    w_hh: Array,
+    w_hr: Array | None,
+    h0: Array,
+    c0: Array,
+    mask: Array | None,
+    *,
+    interpret: bool = False,
+    precision=None,
+    block_b: int = MIN_TILE,
+    num_warps: int | None = None,
+    resident: bool | None = None,
+) -> tuple[Array, tuple[Array, Array]]:
+    """One LSTM layer over time in one Pallas kernel: ``xw: (T, B, 4H)`` -> ``(ys, (h_T, c_T))``.
+
+    A drop-in for :func:`lstm_jax._recurrence.recurrence` (same arguments after its static
+    ones, same results and gradients within float tolerance)::
+
+        h, c = h0, c0
+        for t in range(T):                       # inside the kernel
+            z = xw[t] + h @ w_hh                 # gate order i, f, g, o
+            c, h = f * c + i * g, o * tanh(f * c + i * g)   # carried only where mask[t]
+            ys[t] = h if mask[t] else 0
+
+    Args:
+      xw: ``(T, B, 4H)`` input pre-activations ``x @ w_ih + b`` (float32).
+      w_hh: ``(H, 4H)`` recurrent weight (float32 or bfloat16).
+      w_hr: must be None: the kernel has no projection (``proj_size``) support.
+      h0: ``(B, H)`` initial hidden state (dtype of the products).
+      c0: ``(B, H)`` initial cell state (float32).
+      mask: ``(T, B)`` bool or None; False steps keep the state and output zero.
+      interpret: run the kernel with Pallas' interpreter (any platform; slow, for tests).
+      precision: ``jax.lax.Precision`` of the in-kernel products (``"highest"`` avoids TF32).
+      block_b: batch rows per program (a multiple of 16); B is padded up to a multiple.
+      num_warps: Triton warps per program; None picks by hidden size.
+      resident: keep W_hh on chip for the whole loop; None decides by :data:`RESIDENT_BYTES`.
+
+    Returns:
+      ``(ys: (T, B, H), (h_T: (B, H), c_T: (B, H)))``.
+    """
+    if w_hr is not None:
+        raise NotImplementedError(
+            'the Pallas LSTM kernel has no projection (proj_size) support; use backend="scan"'
+        )
+    if xw.ndim != 3 or xw.shape[-1] % 4:
+        raise ValueError(f"xw must have shape (T, B, 4H), got {xw.shape}")
+    steps, batch, four_h = xw.shape
+    hidden = four_h // 4
+    if w_hh.shape != (hidden, four_h):
+        raise ValueError(f"w_hh has shape {w_hh.shape}, expected {(hidden, four_h)}")
+    if steps < 1:
+        raise ValueError("the Pallas LSTM kernel needs at least one time step")
+    if hidden > MAX_HIDDEN and not interpret:
+        raise ValueError(
+            f"hidden size {hidden} is above the Pallas kernel's limit of {MAX_HIDDEN}: one "
+            'gate tile of W_hh would not fit on chip; use backend="scan" or "cudnn"'
+        )
+    if block_b < MIN_TILE or block_b % MIN_TILE or block_b & (block_b - 1):
+        raise ValueError(f"block_b must be a power of two >= {MIN_TILE}, got {block_b}")
+    # Static, hashable kernel settings.
+    config = (bool(interpret), precision, int(block_b), num_warps, resident)
+    return _pallas_core(config, xw, w_hh, h0, c0, mask)

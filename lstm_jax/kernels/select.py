@@ -1,0 +1,166 @@
+"""Which backend runs an LSTM call: ``"scan"``, ``"pallas"`` or ``"cudnn"``.
+
+``choose_backend("auto", ...)`` is "scan" on CPU and TPU. On an NVIDIA GPU it looks up the
+measured shape nearest to the call (by batch and hidden size) in :data:`MEASURED_GPU` and
+takes the fastest backend measured there among those that can run the call; a backend with
+no measurement at that shape is never picked, so ``"scan"`` is the fallback everywhere.
+
+An explicit ``"pallas"`` or ``"cudnn"`` that cannot run the call raises a ValueError that
+says why, rather than silently running something else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from lstm_jax.kernels import pallas_lstm
+
+BACKENDS = ("auto", "scan", "pallas", "cudnn")
+_NVIDIA = ("gpu", "cuda")
+
+# Forward+backward time of one layer relative to torch.nn.LSTM (cuDNN, float32) measured in
+# the same process on an H100, float32, keyed by (batch, steps, input_size, hidden).
+# Sources: issue #4's H100 table ("scan" is the hoisted scan with the custom backward at
+# unroll 8; "cudnn" is jax.experimental.rnn, measured at 0.83-1.04x of torch on every
+# shape but the tiny one, where it was 8x: 1.04 below is that upper bound) and
+# scripts/gpu_kernels.py, whose output (benchmarks/results/gpu_kernels.md) prints rows in
+# this format to paste here. Lower is faster.
+MEASURED_GPU: dict[tuple[int, int, int, int], dict[str, float]] = {
+    (1, 500, 64, 64): {"scan": 2.94, "cudnn": 8.0},
+    (8, 1000, 128, 256): {"scan": 0.58, "cudnn": 1.04},
+    (64, 100, 256, 256): {"scan": 0.49, "cudnn": 1.04},
+    (32, 200, 512, 512): {"scan": 0.59, "cudnn": 1.04},
+    (256, 100, 1024, 1024): {"scan": 1.28, "cudnn": 1.04},
+}
+
+
+def _is_float(dtype, *names) -> bool:
+    return jnp.dtype(dtype) in tuple(jnp.dtype(n) for n in names)
+
+
+def pallas_unsupported_reason(*, platform: str, hidden: int, proj: int, dtype,
+                              has_variants: bool = False, remat: bool = False,
+                              interpret: bool = False) -> str | None:
+    """Why the Pallas kernel cannot run this call, or None when it can."""
+    if platform not in _NVIDIA and not interpret:
+        return (f"the Pallas LSTM kernel compiles only for NVIDIA GPUs (platform is {platform!r});"
+                " elsewhere it runs only in interpret mode, for tests")
+    if proj:
+        return "the Pallas LSTM kernel has no projection (proj_size) support"
+    if has_variants:
+        return "the Pallas LSTM kernel implements only the plain LSTM cell, not the variants"
+    if remat:
+        return "the Pallas LSTM kernel keeps all gate activations; remat=True needs the scan"
+    if not _is_float(dtype, jnp.float32, jnp.bfloat16):
+        return f"the Pallas LSTM kernel supports float32 and bfloat16, not {jnp.dtype(dtype)}"
+    if hidden > pallas_lstm.MAX_HIDDEN and not interpret:
+        return (f"hidden size {hidden} is above the Pallas kernel's limit of "
+                f"{pallas_lstm.MAX_HIDDEN} (W_hh must fit on chip)")
+    return None
+
+
+def cudnn_unsupported_reason(*, platform: str, proj: int, dtype, has_variants: bool = False,
+                             remat: bool = False, dropout_active: bool = False) -> str | None:
+    """Why the cuDNN path cannot run this call, or None when it can."""
+    if platform not in _NVIDIA:
+        return f"cuDNN runs only on NVIDIA GPUs (platform is {platform!r})"
+    if proj:
+        return "jax.experimental.rnn has no projection (proj_size) support"
+    if has_variants:
+        return "cuDNN implements only the plain LSTM cell, not the variants"
+    if not _is_float(dtype, jnp.float32):
+        return f"jax.experimental.rnn supports float32 only, not {jnp.dtype(dtype)}"
+    if remat:
+        return "cuDNN keeps its own reserve space; remat=True needs the scan"
+    if dropout_active:
+        return "inter-layer dropout is drawn from our key, which cuDNN cannot reproduce"
+    from lstm_jax.kernels.cudnn import cudnn_available
+
+    if not cudnn_available():
+        return "this jaxlib has no cuDNN RNN kernels (not a CUDA build)"
+    return None
+
+
+def _nearest(batch: int, hidden: int, table):
+    def distance(key):
+        b, _, _, h = key
+        return abs(math.log2(max(batch, 1) / b)) + abs(math.log2(max(hidden, 1) / h))
+
+    return min(table, key=distance) if table else None
+
+
+def choose_backend(
+    backend: str = "auto",
+    *,
+    platform: str,
+    batch: int,
+    hidden: int,
+    proj: int = 0,
+    dtype=jnp.float32,
+    has_variants: bool = False,
+    remat: bool = False,
+    dropout_active: bool = False,
+    custom_grad: bool = True,
+    interpret: bool = False,
+    table: dict | None = None,
+) -> str:
+    """Resolves ``backend`` to ``"scan"``, ``"pallas"`` or ``"cudnn"`` for one LSTM call.
+
+    Args:
+      backend: ``"auto"``, ``"scan"``, ``"pallas"`` or ``"cudnn"``.
+      platform: ``jax.default_backend()`` (or the platform of the inputs' device).
+      batch, hidden: B and H of the call.
+      proj: ``proj_size`` (0 without projection).
+      dtype: compute dtype of the recurrent products (float32, or bfloat16 for mixed
+        precision).
+      has_variants: a research variant (peephole, layer norm, CIFG, zoneout, recurrent
+        dropout...) is active: only the scan implements them.
+      remat: rematerialisation was requested (only the scan has it).
+      dropout_active: inter-layer dropout with a key (cuDNN cannot reproduce our mask).
+      custom_grad: False asks for autodiff of the scan (a reference): "auto" gives "scan".
+      interpret: allow "pallas" off-GPU in interpret mode (tests only).
+      table: measurements to choose from; :data:`MEASURED_GPU` when None.
+
+    Returns:
+      The backend to run.
+
+    Raises:
+      ValueError: for an unknown name, or an explicit backend that cannot run the call.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    pallas_reason = pallas_unsupported_reason(
+        platform=platform, hidden=hidden, proj=proj, dtype=dtype, has_variants=has_variants,
+        remat=remat, interpret=interpret)
+    if backend == "scan":
+        return "scan"
+    if backend == "pallas":
+        if pallas_reason:
+            raise ValueError(f'backend="pallas" cannot run this call: {pallas_reason}')
+        return "pallas"
+    cudnn_reason = cudnn_unsupported_reason(
+        platform=platform, proj=proj, dtype=dtype, has_variants=has_variants, remat=remat,
+        dropout_active=dropout_active)
+    if backend == "cudnn":
+        if cudnn_reason:
+            raise ValueError(f'backend="cudnn" cannot run this call: {cudnn_reason}')
+        return "cudnn"
+
+    # auto
+    if platform not in _NVIDIA or not custom_grad:
+        return "scan"
+    table = MEASURED_GPU if table is None else table
+    key = _nearest(batch, hidden, table)
+    if key is None:
+        return "scan"
+    measured = table[key]
+    candidates = {"scan": True, "pallas": pallas_reason is None,
+                  "cudnn": cudnn_reason is None}
+    # Pallas only where W_hh stays on chip: streaming it every step is not the design point.
+    candidates["pallas"] = candidates["pallas"] and pallas_lstm.fits_on_chip(hidden, dtype)
+    timed = {name: measured[name] for name, ok in candidates.items() if ok and name in measured}
+    if not timed:
+        return "scan"
+    return min(timed, key=timed.get)
