@@ -394,12 +394,14 @@ class Result(NamedTuple):
 
 
 def _calibrate(run: Callable[[], None], min_time: float) -> int:
-    """Calls per timed sample so that a sample lasts at least ``min_time`` seconds."""
+    """Calls per round so that one implementation's calls last at least ``min_time`` seconds."""
     once = math.inf
     for _ in range(3):  # the fastest of three: one call descheduled by a busy machine misleads
         t0 = time.perf_counter()
         run()
         once = min(once, time.perf_counter() - t0)
+        if once >= min_time:
+            return 1
     return max(1, min(1000, math.ceil(min_time / max(once, 1e-7))))
 
 
@@ -436,10 +438,12 @@ def bench_case(
         k = r % max(1, len(order))
         for label in order[k:] + order[:k]:
             p, inner, samples = prepared[label]
-            t0 = time.perf_counter()
             for _ in range(inner):
+                # Each call timed on its own: the median then ignores the calls that another
+                # process on a shared machine stalled (which a mean over the sample would not).
+                t0 = time.perf_counter()
                 p.run()
-            samples.append((time.perf_counter() - t0) / inner)
+                samples.append(time.perf_counter() - t0)
     for impl in impls:
         if impl.label in prepared:
             p, _, samples = prepared[impl.label]
@@ -629,7 +633,7 @@ def environment() -> list[str]:
     lines.append("- versions: " + ", ".join(versions))
     lines.append(
         f"- lstm_jax {lstm_jax.__version__}, default unroll on {backend}: {lstm_jax.default_unroll()}; "
-        f"jax_default_matmul_precision={jax.config.jax_default_matmul_precision}"
+        f"jax_default_matmul_precision={getattr(jax.config, 'jax_default_matmul_precision', None)}"
     )
     if flags := os.environ.get("XLA_FLAGS"):
         lines.append(f"- XLA_FLAGS={flags}")
@@ -680,10 +684,11 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--cpu-shapes", action="store_true",
                        help="issue 4's three CPU shapes plus 32,100,128,256 L2 bi")
     table.add_argument("--gpu-shapes", "--gpu", action="store_true", help="the full table")
-    p.add_argument("--repeats", type=int, default=10, help="timed samples per case (median)")
+    p.add_argument("--repeats", type=int, default=10,
+                   help="timed rounds per case (each >= --min-time per implementation)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     p.add_argument("--min-time", type=float, default=0.02,
-                   help="seconds per timed sample: fast calls are repeated inside a sample")
+                   help="seconds per implementation per round: fast calls are repeated")
     p.add_argument("--only", choices=MODES, help="time only forward+backward or only forward")
     p.add_argument("--unroll", type=_unroll_list, metavar="1,2,4,8",
                    help="time each lstm_jax variant at these unrolls and report the winner "
@@ -691,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", type=lambda s: [v for v in s.split(",") if v], metavar="PATTERNS",
                    help="comma-separated labels or fnmatch patterns, e.g. 'lstm_jax*,torch*'")
     p.add_argument("--out", type=Path,
-                   help="Markdown file (default benchmarks/results/<machine>.md; "
+                   help="Markdown file or existing folder (default benchmarks/results/<machine>.md; "
                    "<machine>-unroll.md for a sweep)")
     p.add_argument("--max-seconds", type=float,
                    help="start no new shape after this many seconds (partial table kept)")
@@ -755,9 +760,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     modes = (args.only,) if args.only else MODES
     machine = machine_name()
-    out = args.out or Path("benchmarks/results") / (
-        f"{machine}-unroll.md" if args.unroll else f"{machine}.md"
-    )
+    name = f"{machine}-unroll.md" if args.unroll else f"{machine}.md"
+    out = args.out or Path("benchmarks/results") / name
+    if out.is_dir():
+        out = out / name
     command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = [
         f"# lstm_jax benchmark: {machine}",
@@ -765,10 +771,10 @@ def main(argv: list[str] | None = None) -> int:
         *environment(),
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- command: `{command.strip()}`",
-        f"- method: median of {args.repeats} samples after {args.warmup} warm-up calls, repeats "
-        "interleaved across implementations; each sample lasts >= "
-        f"{args.min_time * 1e3:.0f} ms (fast calls repeated inside it), every call synchronised "
-        "(block_until_ready / torch.cuda.synchronize). fwd+bwd: gradient of sum(y) with respect "
+        f"- method: {args.repeats} rounds after {args.warmup} warm-up calls, interleaved across "
+        f"implementations; a round makes each implementation's calls last >= {args.min_time * 1e3:.0f} ms "
+        "(fast ones called several times); the median over all calls, each timed alone and "
+        "synchronised (block_until_ready / torch.cuda.synchronize). fwd+bwd: gradient of sum(y) with respect "
         "to the parameters and x (jitted for JAX; torch.autograd.grad); fwd: y alone "
         "(torch under no_grad). float32 unless labelled, each library's default matmul precision.",
         "- GFLOP: matrix products only, forward 2*T*B*4H*(D+H) per layer and direction, "
