@@ -124,7 +124,7 @@ def cudnn_lstm(
     Returns:
       ``(y, LSTMState(h_n, c_n))`` as :func:`lstm_jax.lstm`.
     """
-    reason = unsupported_reason(params, jnp.asarray(x).dtype, platform="gpu")
+    reason = unsupported_reason(params, jnp.asarray(x).dtype)
     if reason is not None:
         raise ValueError(f'backend="cudnn" cannot run this call: {reason}')
     rnn = _rnn()

@@ -76,11 +76,15 @@ def cudnn_unsupported_reason(*, platform: str, proj: int, dtype, has_variants: b
         return "cuDNN keeps its own reserve space; remat=True needs the scan"
     if dropout_active:
         return "inter-layer dropout is drawn from our key, which cuDNN cannot reproduce"
-    from lstm_jax.kernels.cudnn import cudnn_available
-
-    if not cudnn_available():
+    if not _cudnn_available():
         return "this jaxlib has no cuDNN RNN kernels (not a CUDA build)"
     return None
+
+
+def _cudnn_available() -> bool:
+    from lstm_jax.kernels.cudnn import cudnn_available
+
+    return cudnn_available()
 
 
 def _nearest(batch: int, hidden: int, table):

@@ -1,0 +1,228 @@
+"""Optional backends on CPU: the Pallas kernel in interpret mode against the scan recurrence,
+the cuDNN weight conversion against ``jax.experimental.rnn.lstm_ref``, backend selection.
+
+Interpret mode is slow to trace, so the kernel cases are few and tiny (B=2, T=5).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lstm_jax
+from lstm_jax import LSTMState
+from lstm_jax._recurrence import recurrence
+from lstm_jax.kernels import choose_backend, cudnn_lstm, pallas_recurrence, to_cudnn_weights
+from lstm_jax.kernels import cudnn as cudnn_mod
+from lstm_jax.kernels import pallas_lstm, select
+
+T, B = 5, 2
+
+
+def _problem(hidden, seed=0, dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(seed), 4)
+    xw = jax.random.normal(k[0], (T, B, 4 * hidden), jnp.float32)
+    w_hh = (0.5 * jax.random.normal(k[1], (hidden, 4 * hidden), jnp.float32)).astype(dtype)
+    h0 = jax.random.normal(k[2], (B, hidden), jnp.float32).astype(dtype)
+    c0 = jax.random.normal(k[3], (B, hidden), jnp.float32)
+    return xw, w_hh, h0, c0
+
+
+# Sequence 0 runs all 5 steps, sequence 1 only 2 (padded-batch semantics).
+MASK = jnp.arange(T)[:, None] < jnp.array([T, 2])[None, :]
+
+
+def _loss_and_grads(run, xw, w_hh, h0, c0):
+    """Outputs and the gradients of a loss touching every output."""
+
+    def loss(xw, w_hh, h0, c0):
+        ys, (h, c) = run(xw, w_hh, h0, c0)
+        weights = jnp.sin(jnp.arange(ys.size, dtype=jnp.float32)).reshape(ys.shape)
+        return jnp.sum(ys * weights) + jnp.sum(h * h) + 0.7 * jnp.sum(c), (ys, h, c)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(xw, w_hh, h0, c0)
+
+
+@pytest.mark.parametrize(
+    "hidden,masked,resident",
+    [(8, False, None), (16, True, False)],
+    ids=["H8", "H16-mask-streamed"],
+)
+def test_pallas_matches_scan_forward_and_gradients(hidden, masked, resident):
+    xw, w_hh, h0, c0 = _problem(hidden)
+    mask = MASK if masked else None
+    scan = lambda *a: recurrence(1, "highest", 0, a[0], a[1], None, a[2], a[3], mask)  # noqa: E731
+    kern = lambda *a: pallas_recurrence(  # noqa: E731
+        a[0], a[1], None, a[2], a[3], mask, interpret=True, precision="highest", resident=resident
+    )
+    (l_ref, out_ref), g_ref = _loss_and_grads(scan, xw, w_hh, h0, c0)
+    (l_k, out_k), g_k = _loss_and_grads(kern, xw, w_hh, h0, c0)
+    for a, b in zip(out_ref + g_ref, out_k + g_k):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(l_k), float(l_ref), rtol=1e-5)
+    if masked:  # past its end, sequence 1 outputs zero and keeps its state
+        ys, h, _ = out_k
+        assert np.all(np.asarray(ys[2:, 1]) == 0)
+        np.testing.assert_allclose(np.asarray(h[1]), np.asarray(out_ref[0][1, 1]), rtol=1e-6)
+
+
+def test_pallas_vmapped_over_directions():
+    # lstm() runs both directions as one vmapped call; the kernel must batch the same way.
+    probs = [_problem(8, seed=s) for s in (1, 2)]
+    xw, w_hh, h0, c0 = (jnp.stack(a) for a in zip(*probs))
+    axes = (0, 0, None, 0, 0, None)
+    ref = jax.vmap(lambda *a: recurrence(1, "highest", 0, *a), in_axes=axes)(
+        xw, w_hh, None, h0, c0, None)
+    out = jax.vmap(lambda *a: pallas_recurrence(*a, interpret=True), in_axes=axes)(
+        xw, w_hh, None, h0, c0, None)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def test_pallas_bfloat16_products_match_scan():
+    xw, w_hh, h0, c0 = _problem(16, seed=3, dtype=jnp.bfloat16)
+    ref = recurrence(1, None, 0, xw, w_hh, None, h0, c0, None)
+    out = pallas_recurrence(xw, w_hh, None, h0, c0, None, interpret=True)
+    assert out[0].dtype == jnp.bfloat16 and out[1][1].dtype == jnp.float32
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
+        np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32),
+                                   rtol=2e-2, atol=2e-2)
+
+
+def test_pallas_rejects_projection_and_bad_tiles():
+    xw, w_hh, h0, c0 = _problem(8)
+    with pytest.raises(NotImplementedError, match="projection"):
+        pallas_recurrence(xw, w_hh, jnp.zeros((8, 4)), h0, c0, None, interpret=True)
+    with pytest.raises(ValueError, match="block_b"):
+        pallas_recurrence(xw, w_hh, None, h0, c0, None, interpret=True, block_b=24)
+    big = _problem(256)
+    with pytest.raises(ValueError, match="limit"):
+        pallas_recurrence(big[0], big[1], None, big[2], big[3], None)
+
+
+def test_on_chip_budget():
+    # W_hh is H x 4H: 64 KiB at H=64 in float32 stays resident, 256 KiB at H=128 does not.
+    assert pallas_lstm.recurrent_weight_bytes(64) == 64 * 1024
+    assert pallas_lstm.fits_on_chip(64) and pallas_lstm.fits_on_chip(40)
+    assert not pallas_lstm.fits_on_chip(128)
+    assert pallas_lstm.padded_hidden(8) == 16 and pallas_lstm.padded_hidden(100) == 128
+
+
+# ----------------------------------------------------------------------------- cuDNN
+
+
+@pytest.mark.parametrize(
+    "layers,bidirectional,bias",
+    [(1, False, True), (2, True, False)],
+    ids=["plain", "2layer-bi-nobias"],
+)
+def test_cudnn_weight_layout_matches_lstm_ref(layers, bidirectional, bias):
+    from jax.experimental import rnn
+
+    F, H = 3, 5
+    params = lstm_jax.init_lstm(jax.random.key(1), F, H, num_layers=layers,
+                                bidirectional=bidirectional, bias=bias, init="pytorch")
+    flat = to_cudnn_weights(params)
+    assert flat.shape == (rnn.get_num_params_in_lstm(F, H, layers, bidirectional),)
+    D = 2 if bidirectional else 1
+    k = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(k[0], (B, 6, F))
+    h0 = jax.random.normal(k[1], (layers * D, B, H))
+    c0 = jax.random.normal(k[2], (layers * D, B, H))
+    lengths = jnp.array([6, 4], jnp.int32)
+    y, (h, c) = lstm_jax.lstm(params, x, LSTMState(h0, c0), seq_lengths=lengths,
+                              precision="highest")
+    with jax.default_matmul_precision("highest"):
+        y_ref, h_ref, c_ref = rnn.lstm_ref(x, h0, c0, *cudnn_mod.unpack_reference(params),
+                                           lengths, F, H, layers, 0.0, bidirectional)
+    for a, b in ((y, y_ref), (h, h_ref), (c, c_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_cudnn_gate_order_is_ifgo():
+    # Only the forget block of W_hh differs between the two parameter sets: if the layout
+    # moved it, lstm_ref would see it elsewhere.
+    params = lstm_jax.init_lstm(jax.random.key(0), 2, 4, init="pytorch")
+    flat = to_cudnn_weights(params)
+    w_hh_ref = cudnn_mod.unpack_reference(params)[1][0]  # (4H, H), gate blocks as rows
+    np.testing.assert_array_equal(np.asarray(w_hh_ref[4:8]), np.asarray(params.layers[0][0].w_hh[:, 4:8].T))
+    assert flat.dtype == jnp.float32
+
+
+def test_cudnn_refuses_off_gpu_and_with_projection():
+    params = lstm_jax.init_lstm(jax.random.key(0), 2, 4)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="NVIDIA"):
+            cudnn_lstm(params, jnp.ones((1, 3, 2)))
+    projected = lstm_jax.init_lstm(jax.random.key(0), 2, 4, proj_size=2)
+    with pytest.raises(ValueError, match="projection"):
+        to_cudnn_weights(projected)
+    assert cudnn_mod.unsupported_reason(params, jnp.float32, platform="gpu") is None
+    assert "float32" in cudnn_mod.unsupported_reason(params, jnp.bfloat16, platform="gpu")
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_auto_is_scan_off_gpu():
+    for platform in ("cpu", "tpu"):
+        for batch, hidden in ((1, 64), (16, 128), (256, 1024)):
+            assert choose_backend("auto", platform=platform, batch=batch, hidden=hidden) == "scan"
+
+
+def test_auto_on_gpu_follows_the_measurements(monkeypatch):
+    monkeypatch.setattr(select, "_cudnn_available", lambda: True)  # as on a CUDA build
+    table = {
+        (1, 500, 64, 64): {"scan": 2.9, "pallas": 0.8, "cudnn": 8.0},
+        (16, 500, 128, 128): {"scan": 1.5, "pallas": 0.9, "cudnn": 1.0},
+        (256, 100, 1024, 1024): {"scan": 1.28, "cudnn": 1.0},
+        (64, 100, 256, 256): {"scan": 0.49, "cudnn": 1.0},
+    }
+    pick = lambda **kw: choose_backend("auto", platform="gpu", table=table, **kw)  # noqa: E731
+    assert pick(batch=1, hidden=64) == "pallas"
+    assert pick(batch=2, hidden=48) == "pallas"  # nearest measured shape
+    # H=128 float32 does not stay on chip: auto never picks pallas there.
+    assert pick(batch=16, hidden=128) == "cudnn"
+    assert pick(batch=256, hidden=1024) == "cudnn"
+    assert pick(batch=64, hidden=256) == "scan"
+    # Where a backend cannot run, the next best measured one is taken.
+    assert pick(batch=1, hidden=64, proj=32) == "scan"
+    assert pick(batch=256, hidden=1024, dtype=jnp.bfloat16) == "scan"
+    assert pick(batch=1, hidden=64, has_variants=True) == "scan"
+    assert pick(batch=1, hidden=64, custom_grad=False) == "scan"
+    assert choose_backend("auto", platform="gpu", table={}, batch=1, hidden=64) == "scan"
+
+
+def test_default_table_never_picks_unmeasured_pallas():
+    for batch, hidden in ((1, 64), (16, 128), (64, 256)):
+        got = choose_backend("auto", platform="gpu", batch=batch, hidden=hidden)
+        assert got in ("scan", "cudnn") and (got != "cudnn" or select.cudnn_unsupported_reason(
+            platform="gpu", proj=0, dtype=jnp.float32) is None)
+
+
+@pytest.mark.parametrize(
+    "backend,kwargs,match",
+    [
+        ("pallas", dict(platform="cpu"), "NVIDIA"),
+        ("pallas", dict(platform="gpu", proj=16), "projection"),
+        ("pallas", dict(platform="gpu", has_variants=True), "variants"),
+        ("pallas", dict(platform="gpu", hidden=512), "limit"),
+        ("pallas", dict(platform="gpu", dtype=jnp.float64), "float32"),
+        ("pallas", dict(platform="gpu", remat=True), "remat"),
+        ("cudnn", dict(platform="tpu"), "NVIDIA"),
+        ("cudnn", dict(platform="gpu", proj=16), "projection"),
+        ("cudnn", dict(platform="gpu", dtype=jnp.bfloat16), "float32"),
+        ("cudnn", dict(platform="gpu", dropout_active=True), "dropout"),
+        ("nonsense", dict(platform="gpu"), "one of"),
+    ],
+)
+def test_explicit_backend_that_cannot_run_says_why(backend, kwargs, match):
+    args = dict(batch=4, hidden=64) | kwargs
+    with pytest.raises(ValueError, match=match):
+        choose_backend(backend, **args)
+
+
+def test_explicit_backends_where_they_apply():
+    assert choose_backend("scan", platform="gpu", batch=1, hidden=64, proj=8) == "scan"
+    assert choose_backend("pallas", platform="gpu", batch=1, hidden=64) == "pallas"
+    assert choose_backend("pallas", platform="cpu", batch=1, hidden=64, interpret=True) == "pallas"
