@@ -20,13 +20,13 @@ pre-activations are 0, so c stays 0 and h = sigmoid(0) * tanh(0) = 0) and padded
 rows are masked, so padding never changes the numbers. The four gates use four separate
 products (``h @ W_gate``) so the kernel never slices a register tensor.
 
-On-chip budget: ``W_hh`` takes ``H_out * 4H * itemsize`` bytes: 64 KiB at H = 64 in float32,
-256 KiB at H = 128. When it is at most :data:`RESIDENT_BYTES` it is loaded once before the
-loop and stays on chip (registers / shared memory); above that the kernel re-reads it from
-L2 every step (``resident=False``), which is correct but bandwidth-bound. An H100 SM has
-256 KiB of registers and up to 227 KiB of shared memory, so float32 H = 128 cannot stay
-resident in one program; :func:`fits_on_chip` says which shapes the automatic selection
-may consider.
+On-chip budget: ``W_hh`` is loaded once before the loop; Triton keeps it in shared memory
+and feeds each step's products from there. It takes ``hp * 4hp * itemsize`` bytes: 64 KiB
+at H = 64 in float32, 128 KiB at H = 128 in bfloat16, 256 KiB at H = 128 in float32. An
+H100 SM has at most 227 KiB of shared memory per block, so the kernel accepts W_hh up to
+:data:`MAX_WEIGHT_BYTES` (float32 H <= 64, bfloat16 H <= 128); :func:`fits_on_chip` says so.
+(Compiled for sm_90 with Triton 3.9: H=64 float32 uses 68 KiB of shared memory and 120
+registers per thread forward, 100 backward, no spills; H=128 bfloat16 132 KiB forward.)
 
 References: Diamos et al. 2016 (persistent RNNs); Appleyard et al. 2016 (cuDNN's RNN
 optimisations); Hochreiter & Schmidhuber 1997.
@@ -43,11 +43,9 @@ from jax.experimental import pallas as pl
 
 Array = jax.Array
 
-# W_hh at or below this size is loaded once and kept on chip for the whole loop.
-RESIDENT_BYTES = 64 * 1024
-# Largest hidden size the kernel accepts at all (above it a single gate tile of W no
-# longer fits a program's registers plus shared memory even when streamed).
-MAX_HIDDEN = 128
+# Largest (padded) W_hh one program keeps in shared memory for the whole loop: under the
+# H100's 227 KiB per block with room for the layout conversions of the step's tiles.
+MAX_WEIGHT_BYTES = 160 * 1024
 MIN_TILE = 16  # tl.dot needs M, N, K >= 16
 
 
@@ -67,12 +65,11 @@ def recurrent_weight_bytes(hidden: int, dtype=jnp.float32) -> int:
 
 
 def fits_on_chip(hidden: int, dtype=jnp.float32) -> bool:
-    """Whether W_hh can stay resident in one program for the whole time loop."""
-    return hidden <= MAX_HIDDEN and recurrent_weight_bytes(hidden, dtype) <= RESIDENT_BYTES
+    """Whether W_hh stays in one program's shared memory for the whole time loop."""
+    return recurrent_weight_bytes(hidden, dtype) <= MAX_WEIGHT_BYTES
 
 
 def default_num_warps(hidden: int) -> int:
-    # 8 warps spread a resident 64x256 float32 W_hh over 256 threads (64 registers each).
     return 4 if padded_hidden(hidden) <= 32 else 8
 
 
@@ -108,26 +105,23 @@ def _gate(ref, t, g, hp):
 
 
 def _forward_kernel(xw_ref, m_ref, w_ref, h0_ref, c0_ref, *out_refs,
-                    steps, hp, precision, resident, save):
+                    steps, hp, precision, save):
     if save:
         ys_ref, h_ref, c_ref, acts_ref, cprev_ref = out_refs
     else:
         ys_ref, h_ref, c_ref = out_refs
     f32 = jnp.float32
 
-    def load_w():
-        return [w_ref[:, pl.ds(g * hp, hp)] for g in range(4)]
-
     def load_step(t):
         return tuple(_gate(xw_ref, t, g, hp).astype(f32) for g in range(4)), m_ref[t, :]
 
-    w_resident = load_w() if resident else None
+    # Loaded once: W_hh stays on chip (Triton keeps it in shared memory) for all T steps.
+    w = [w_ref[:, pl.ds(g * hp, hp)] for g in range(4)]
 
     def body(t, carry):
         h, c, (xs, m) = carry
         # Prefetch the next step's inputs: their latency hides behind this step's work.
         nxt = load_step(jnp.minimum(t + 1, steps - 1))
-        w = w_resident if resident else load_w()
         hw = h.astype(w[0].dtype)
         z = [xs[g] + jnp.dot(hw, w[g], precision=precision, preferred_element_type=f32)
              for g in range(4)]
@@ -151,24 +145,20 @@ def _forward_kernel(xw_ref, m_ref, w_ref, h0_ref, c0_ref, *out_refs,
 
 
 def _backward_kernel(dys_ref, acts_ref, cprev_ref, m_ref, wt_ref, dh_ref, dc_ref,
-                     dz_ref, dh0_ref, dc0_ref, *, steps, hp, precision, resident):
+                     dz_ref, dh0_ref, dc0_ref, *, steps, hp, precision):
     f32 = jnp.float32
-
-    def load_wt():
-        # wt_ref is W_hh^T: (4*hp, hp_out); its gate block k is (hp, hp_out).
-        return [wt_ref[pl.ds(k * hp, hp), :] for k in range(4)]
 
     def load_step(t):
         acts = tuple(_gate(acts_ref, t, k, hp).astype(f32) for k in range(4))
         return acts, cprev_ref[t].astype(f32), dys_ref[t].astype(f32), m_ref[t, :]
 
-    wt_resident = load_wt() if resident else None
+    # wt_ref is W_hh^T: (4*hp, hp_out); its gate block k is (hp, hp_out). Loaded once.
+    wt = [wt_ref[pl.ds(k * hp, hp), :] for k in range(4)]
 
     def body(s, carry):
         t = steps - 1 - s
         dh, dc, ((i, f, g, o), c_prev, dy, m) = carry
         nxt = load_step(jnp.maximum(t - 1, 0))
-        wt = wt_resident if resident else load_wt()
         dh_total = dh + dy
         tanh_c = jnp.tanh(f * c_prev + i * g)
         dc_total = dc + dh_total * o * (1.0 - tanh_c * tanh_c)
@@ -235,7 +225,7 @@ def _float_mask(mask, steps, batch, bp):
 
 
 def _run_forward(config, xw, w_hh, h0, c0, mask, save):
-    interpret, precision, block_b, num_warps, resident = config
+    interpret, precision, block_b, num_warps = config
     steps, batch, hidden, hp, bp = _geometry(xw, w_hh, block_b)
     f32 = jnp.float32
     xw_p = _pad(_pad_gates(xw, hidden, hp), (0, bp - batch, 0))
@@ -243,8 +233,6 @@ def _run_forward(config, xw, w_hh, h0, c0, mask, save):
     h0_p = _pad(h0, (bp - batch, hp - hidden))
     c0_p = _pad(c0, (bp - batch, hp - hidden))
     m_p = _float_mask(mask, steps, batch, bp)
-    if resident is None:
-        resident = recurrent_weight_bytes(hidden, w_hh.dtype) <= RESIDENT_BYTES
     nw = num_warps or default_num_warps(hidden)
 
     seq = lambda last: pl.BlockSpec((steps, block_b, last), lambda b: (0, b, 0))  # noqa: E731
@@ -260,7 +248,7 @@ def _run_forward(config, xw, w_hh, h0, c0, mask, save):
                       jax.ShapeDtypeStruct((steps, bp, hp), f32)]
         out_specs += [seq(4 * hp), seq(hp)]
     kernel = functools.partial(_forward_kernel, steps=steps, hp=hp, precision=precision,
-                               resident=resident, save=save)
+                               save=save)
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -286,7 +274,7 @@ def _run_forward(config, xw, w_hh, h0, c0, mask, save):
 
 
 def _run_backward(config, w_hh, acts_p, cprev_p, m_p, dys, dh_T, dc_T):
-    interpret, precision, block_b, num_warps, resident = config
+    interpret, precision, block_b, num_warps = config
     steps, bp, four_hp = acts_p.shape
     hp = four_hp // 4
     batch, hidden = dh_T.shape
@@ -296,14 +284,11 @@ def _run_backward(config, w_hh, acts_p, cprev_p, m_p, dys, dh_T, dc_T):
     dys_p = _pad(dys.astype(f32), (0, bp - batch, hp - hidden))
     dh_p = _pad(dh_T.astype(f32), (bp - batch, hp - hidden))
     dc_p = _pad(dc_T.astype(f32), (bp - batch, hp - hidden))
-    if resident is None:
-        resident = recurrent_weight_bytes(hidden, w_hh.dtype) <= RESIDENT_BYTES
     nw = num_warps or default_num_warps(hidden)
 
     seq = lambda last: pl.BlockSpec((steps, block_b, last), lambda b: (0, b, 0))  # noqa: E731
     state = pl.BlockSpec((block_b, hp), lambda b: (b, 0))
-    kernel = functools.partial(_backward_kernel, steps=steps, hp=hp, precision=precision,
-                               resident=resident)
+    kernel = functools.partial(_backward_kernel, steps=steps, hp=hp, precision=precision)
     dz_p, dh0_p, dc0_p = pl.pallas_call(
         kernel,
         out_shape=[
@@ -377,7 +362,6 @@ def pallas_recurrence(
     precision=None,
     block_b: int = MIN_TILE,
     num_warps: int | None = None,
-    resident: bool | None = None,
 ) -> tuple[Array, tuple[Array, Array]]:
     """One LSTM layer over time in one Pallas kernel: ``xw: (T, B, 4H)`` -> ``(ys, (h_T, c_T))``.
 
@@ -392,7 +376,7 @@ def pallas_recurrence(
 
     Args:
       xw: ``(T, B, 4H)`` input pre-activations ``x @ w_ih + b`` (float32).
-      w_hh: ``(H, 4H)`` recurrent weight (float32 or bfloat16).
+      w_hh: ``(H, 4H)`` recurrent weight (float32 or bfloat16; see :func:`fits_on_chip`).
       w_hr: must be None: the kernel has no projection (``proj_size``) support.
       h0: ``(B, H)`` initial hidden state (dtype of the products).
       c0: ``(B, H)`` initial cell state (float32).
@@ -401,7 +385,6 @@ def pallas_recurrence(
       precision: ``jax.lax.Precision`` of the in-kernel products (``"highest"`` avoids TF32).
       block_b: batch rows per program (a multiple of 16); B is padded up to a multiple.
       num_warps: Triton warps per program; None picks by hidden size.
-      resident: keep W_hh on chip for the whole loop; None decides by :data:`RESIDENT_BYTES`.
 
     Returns:
       ``(ys: (T, B, H), (h_T: (B, H), c_T: (B, H)))``.
@@ -418,13 +401,15 @@ def pallas_recurrence(
         raise ValueError(f"w_hh has shape {w_hh.shape}, expected {(hidden, four_h)}")
     if steps < 1:
         raise ValueError("the Pallas LSTM kernel needs at least one time step")
-    if hidden > MAX_HIDDEN and not interpret:
+    if not interpret and not fits_on_chip(hidden, w_hh.dtype):
         raise ValueError(
-            f"hidden size {hidden} is above the Pallas kernel's limit of {MAX_HIDDEN}: one "
-            'gate tile of W_hh would not fit on chip; use backend="scan" or "cudnn"'
+            f"W_hh of hidden size {hidden} in {jnp.dtype(w_hh.dtype)} takes "
+            f"{recurrent_weight_bytes(hidden, w_hh.dtype) // 1024} KiB, above the Pallas kernel's "
+            f"on-chip limit of {MAX_WEIGHT_BYTES // 1024} KiB (float32 H <= 64, bfloat16 "
+            'H <= 128); use backend="scan" or "cudnn"'
         )
     if block_b < MIN_TILE or block_b % MIN_TILE or block_b & (block_b - 1):
         raise ValueError(f"block_b must be a power of two >= {MIN_TILE}, got {block_b}")
     # Static, hashable kernel settings.
-    config = (bool(interpret), precision, int(block_b), num_warps, resident)
+    config = (bool(interpret), precision, int(block_b), num_warps)
     return _pallas_core(config, xw, w_hh, h0, c0, mask)

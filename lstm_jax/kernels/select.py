@@ -55,9 +55,10 @@ def pallas_unsupported_reason(*, platform: str, hidden: int, proj: int, dtype,
         return "the Pallas LSTM kernel keeps all gate activations; remat=True needs the scan"
     if not _is_float(dtype, jnp.float32, jnp.bfloat16):
         return f"the Pallas LSTM kernel supports float32 and bfloat16, not {jnp.dtype(dtype)}"
-    if hidden > pallas_lstm.MAX_HIDDEN and not interpret:
-        return (f"hidden size {hidden} is above the Pallas kernel's limit of "
-                f"{pallas_lstm.MAX_HIDDEN} (W_hh must fit on chip)")
+    if not interpret and not pallas_lstm.fits_on_chip(hidden, dtype):
+        return (f"W_hh of hidden size {hidden} in {jnp.dtype(dtype)} is above the Pallas "
+                f"kernel's on-chip limit of {pallas_lstm.MAX_WEIGHT_BYTES // 1024} KiB "
+                "(float32 H <= 64, bfloat16 H <= 128)")
     return None
 
 
@@ -162,8 +163,6 @@ def choose_backend(
     measured = table[key]
     candidates = {"scan": True, "pallas": pallas_reason is None,
                   "cudnn": cudnn_reason is None}
-    # Pallas only where W_hh stays on chip: streaming it every step is not the design point.
-    candidates["pallas"] = candidates["pallas"] and pallas_lstm.fits_on_chip(hidden, dtype)
     timed = {name: measured[name] for name, ok in candidates.items() if ok and name in measured}
     if not timed:
         return "scan"
