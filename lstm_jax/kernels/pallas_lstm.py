@@ -235,7 +235,7 @@ def _run_forward(config, xw, w_hh, h0, c0, mask, save):
     m_p = _float_mask(mask, steps, batch, bp)
     nw = num_warps or default_num_warps(hidden)
 
-    seq = lambda last: pl.BlockSpec((steps, block_b, last), lambda b: (0, b, 0))  # noqa: E731
+    seq = lambda last: pl.BlockSpec((steps, block_b, last), lambda b: (0, b, 0))
     state = pl.BlockSpec((block_b, hp), lambda b: (b, 0))
     out_shape = [
         jax.ShapeDtypeStruct((steps, bp, hp), h0.dtype),
@@ -286,7 +286,7 @@ def _run_backward(config, w_hh, acts_p, cprev_p, m_p, dys, dh_T, dc_T):
     dc_p = _pad(dc_T.astype(f32), (bp - batch, hp - hidden))
     nw = num_warps or default_num_warps(hidden)
 
-    seq = lambda last: pl.BlockSpec((steps, block_b, last), lambda b: (0, b, 0))  # noqa: E731
+    seq = lambda last: pl.BlockSpec((steps, block_b, last), lambda b: (0, b, 0))
     state = pl.BlockSpec((block_b, hp), lambda b: (b, 0))
     kernel = functools.partial(_backward_kernel, steps=steps, hp=hp, precision=precision)
     dz_p, dh0_p, dc0_p = pl.pallas_call(
@@ -395,7 +395,7 @@ def pallas_recurrence(
         )
     if xw.ndim != 3 or xw.shape[-1] % 4:
         raise ValueError(f"xw must have shape (T, B, 4H), got {xw.shape}")
-    steps, batch, four_h = xw.shape
+    steps, _, four_h = xw.shape
     hidden = four_h // 4
     if w_hh.shape != (hidden, four_h):
         raise ValueError(f"w_hh has shape {w_hh.shape}, expected {(hidden, four_h)}")
