@@ -391,6 +391,27 @@ class Result(NamedTuple):
     status: str = "ok"  # "ok", "skip" or "error"
     note: str = ""
     half: bool = False
+    others_cpu: float | None = None  # share of the CPUs other processes used while timing
+
+
+def _cpu_counters() -> tuple[float, float, float] | None:
+    """(wall, busy CPU seconds of the machine, CPU seconds of this process), or None."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # all but idle and iowait
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system
+
+
+def _others_cpu(start, end) -> float | None:
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    wall = end[0] - start[0]
+    others = (end[1] - start[1]) - (end[2] - start[2])
+    return max(0.0, min(1.0, others / (wall * (os.cpu_count() or 1))))
 
 
 def _calibrate(run: Callable[[], None], min_time: float) -> int:
@@ -433,6 +454,7 @@ def bench_case(
             results[impl.label] = Result(shape, mode, impl.label, None, status="error",
                                          note=f"{type(e).__name__}: {_first_line(e)}", half=impl.half)
     order = list(prepared)
+    counters = _cpu_counters()
     for r in range(repeats):
         # Rotate the order so no implementation always follows the same neighbour.
         k = r % max(1, len(order))
@@ -444,11 +466,13 @@ def bench_case(
                 t0 = time.perf_counter()
                 p.run()
                 samples.append(time.perf_counter() - t0)
+    others = _others_cpu(counters, _cpu_counters())
     for impl in impls:
         if impl.label in prepared:
             p, _, samples = prepared[impl.label]
             results[impl.label] = Result(
-                shape, mode, impl.label, 1e3 * statistics.median(samples), p.compile_s, half=impl.half
+                shape, mode, impl.label, 1e3 * statistics.median(samples), p.compile_s,
+                half=impl.half, others_cpu=others,
             )
     return [results[impl.label] for impl in impls]
 
@@ -520,12 +544,13 @@ def summary_table(results: list[Result]) -> str:
         if r.impl not in labels:
             labels.append(r.impl)
     others = [lab for lab in labels if lab != "torch"]
-    head = ["shape B,T,D,H", "mode", "torch ms"] + others
+    head = ["shape B,T,D,H", "mode", "torch ms"] + others + ["others' CPU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for shape, mode, rows in _groups(results):
         by = {r.impl: r for r in rows}
         torch_ms = by["torch"].ms if "torch" in by else None
         cells = [shape.label, _mode_label(mode), _fmt(torch_ms)]
+        busy = next((r.others_cpu for r in rows if r.others_cpu is not None), None)
         for lab in others:
             row = by.get(lab)
             if row is None or row.ms is None:
@@ -533,6 +558,7 @@ def summary_table(results: list[Result]) -> str:
                 continue
             rat = ratio(row, rows)
             cells.append(f"{rat:.2f}x" if rat is not None else f"{_fmt(row.ms)} ms")
+        cells.append("-" if busy is None else f"{100 * busy:.0f}%")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -635,6 +661,8 @@ def environment() -> list[str]:
         f"- lstm_jax {lstm_jax.__version__}, default unroll on {backend}: {lstm_jax.default_unroll()}; "
         f"jax_default_matmul_precision={getattr(jax.config, 'jax_default_matmul_precision', None)}"
     )
+    if hasattr(os, "nice") and os.nice(0) != 0:
+        lines.append(f"- process priority: nice {os.nice(0)} (raised over other jobs on a shared machine)")
     if flags := os.environ.get("XLA_FLAGS"):
         lines.append(f"- XLA_FLAGS={flags}")
     return lines
@@ -728,6 +756,9 @@ def run_benchmarks(
             log(f"{shape.label} {_mode_label(mode)} (load {_load()})")
             case = bench_case(shape, mode, impls, repeats=repeats, warmup=warmup,
                               min_time=min_time, log=log)
+            busy = next((r.others_cpu for r in case if r.others_cpu is not None), None)
+            if busy is not None:
+                log(f"  other processes used {100 * busy:.0f}% of the CPUs while timing")
             for r in case:
                 if r.ms is not None:
                     comp = "" if r.compile_s is None else f", compile {r.compile_s:.2f} s"
@@ -778,7 +809,9 @@ def main(argv: list[str] | None = None) -> int:
         "to the parameters and x (jitted for JAX; torch.autograd.grad); fwd: y alone "
         "(torch under no_grad). float32 unless labelled, each library's default matmul precision.",
         "- GFLOP: matrix products only, forward 2*T*B*4H*(D+H) per layer and direction, "
-        "fwd+bwd 3x. compile s: jit(f).lower(...).compile() wall time.",
+        "fwd+bwd 3x. compile s: jit(f).lower(...).compile() wall time. others' CPU: share of "
+        "the machine's CPU time other processes took while timing (from /proc/stat): above "
+        "a few percent the timings are disturbed.",
         f"- load average (1/5/15 min) at start: {_load()}",
     ]
     notes = [args.notes.read_text()] if args.notes else []
