@@ -12,8 +12,9 @@ layout, documented in that module and checked against its pure-JAX ``lstm_ref`` 
 * then all biases ``b_ih^p: (4H,)``, ``b_hh^p: (4H,)``.
 
 Our ``w_ih: (in, 4H)`` and ``w_hh: (H, 4H)`` are stored input-major, so they are transposed
-here; our single bias goes into ``b_ih`` and ``b_hh`` is zero. The conversion is plain
-``jnp`` code, so gradients reach :class:`~lstm_jax.LSTMParams` through it.
+here (and cast to float32, as the scan casts them to the float32 compute dtype); our single
+bias goes into ``b_ih`` and ``b_hh`` is zero. The conversion is plain ``jnp`` code, so
+gradients reach :class:`~lstm_jax.LSTMParams` through it.
 
 Semantics match :func:`lstm_jax.lstm`: batch-first ``x``, states ``(L*D, B, H)`` indexed
 ``layer * D + direction``, and ``seq_lengths`` with torch's packed-sequence behaviour.
@@ -56,9 +57,6 @@ def unsupported_reason(params: LSTMParams, dtype=jnp.float32, *, platform: str |
         compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32
     ):
         return "jax.experimental.rnn supports float32 only"
-    param_dtypes = {jnp.dtype(p.w_ih.dtype) for layer in params.layers for p in layer}
-    if param_dtypes != {jnp.dtype(jnp.float32)}:
-        return "jax.experimental.rnn needs float32 parameters"
     if dropout_active:
         return "inter-layer dropout is drawn from our key, which cuDNN cannot reproduce"
     return None
@@ -113,7 +111,7 @@ def cudnn_lstm(
     """Runs the whole stack with cuDNN: same arguments and results as :func:`lstm_jax.lstm`.
 
     Args:
-      params: float32 :class:`LSTMParams` without projection.
+      params: :class:`LSTMParams` without projection (used in float32).
       x: ``(B, T, input_size)`` (``(T, B, input_size)`` if not ``batch_first``; ``(T, F)``
         unbatched).
       initial_state: ``LSTMState(h, c)`` each ``(L*D, B, H)``; zeros when None.
