@@ -5,8 +5,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lstm_jax.train.config import (Config, ConfigError, apply_overrides, config_from_dict,
-                                   config_to_dict, dump_config, load_config)
+from lstm_jax.train.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
 from lstm_jax.train.loop import check_resume_compatible, make_optimizer
 from lstm_jax.train.model import split_core_kwargs
 
@@ -46,8 +53,8 @@ def test_yaml_then_overrides(tmp_path):
     (["data.val_fraction=1.0"], "data.val_fraction: must be < 1.0"),
     (["train.progress=yes please"], "train.progress: expected true or false"),
     (["optim.lr=nan"], "optim.lr: must be finite"),
-    (["task.name=addng"], "task.name: 'addng' is not one of adding, copy, charlm, classify "
-                          "(did you mean 'adding'?)"),
+    (["task.name=addng"], ("task.name: 'addng' is not one of adding, copy, charlm, classify "
+                          "(did you mean 'adding'?)")),
     (["model"], "expected KEY=VALUE"),
     (["model=3"], "'model' is a section"),
     (["task.name=charlm"], "data.path: task.name=charlm needs a data file"),

@@ -189,13 +189,14 @@ def test_classify_features_and_bad_files(tmp_path):
     b = task.train_batch(jnp.int32(0), 4)
     assert b["x"].dtype == jnp.float32 and (np.asarray(b["lengths"]) == 4).all()
     cases = {
-        r"lacks array\(s\) y_test": dict(x_train=np.zeros((4, 3), int), y_train=np.zeros(4, int),
-                                      x_test=np.zeros((4, 3), int)),
-        "len_train must be": dict(x_train=np.zeros((4, 3), int), y_train=np.zeros(4, int),
-                                  x_test=np.zeros((4, 3), int), y_test=np.zeros(4, int),
-                                  len_train=np.array([1, 2, 3, 4])),
-        "2-D x must hold integer tokens": dict(x_train=np.zeros((4, 3)), y_train=np.zeros(4, int),
-                                               x_test=np.zeros((4, 3)), y_test=np.zeros(4, int)),
+        r"lacks array\(s\) y_test": {"x_train": np.zeros((4, 3), int), "y_train": np.zeros(4, int),
+                                      "x_test": np.zeros((4, 3), int)},
+        "len_train must be": {"x_train": np.zeros((4, 3), int), "y_train": np.zeros(4, int),
+                                  "x_test": np.zeros((4, 3), int), "y_test": np.zeros(4, int),
+                                  "len_train": np.array([1, 2, 3, 4])},
+        "2-D x must hold integer tokens": {
+            "x_train": np.zeros((4, 3)), "y_train": np.zeros(4, int),
+            "x_test": np.zeros((4, 3)), "y_test": np.zeros(4, int)},
     }
     for message, arrays in cases.items():
         path = _write_npz(tmp_path / "bad.npz", **arrays)

@@ -11,7 +11,8 @@ is on disk.
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+from typing import Any, Self
 
 import jax
 import orbax.checkpoint as ocp
@@ -19,19 +20,38 @@ import orbax.checkpoint as ocp
 __all__ = ["Checkpointer"]
 
 
+_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def _remove_partial_saves(directory: str) -> None:
+    """Delete the temporary directories of saves that never finished (a killed process).
+
+    Orbax writes ``<step>.orbax-checkpoint-tmp...`` and renames it to ``<step>`` when complete, so
+    these are never valid checkpoints. (With several processes only one should do this; the
+    trainer is single-process today.)
+    """
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if _TMP_MARK in name:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` keeping the last ``keep`` steps."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
         self.directory = os.path.abspath(directory)
+        _remove_partial_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
             # Synchronous: the loop's next step donates the state's buffers, and a run that exits
             # right after saving must find the step on disk.
             enable_async_checkpointing=False,
-            # Leftovers of a save that was killed midway are removed on the next start.
-            cleanup_tmp_directories=True,
+            # Leftovers of a killed save are removed by _remove_partial_saves instead: orbax's
+            # own cleanup runs in a background thread that can race with itself.
+            cleanup_tmp_directories=False,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "meta"))
@@ -62,7 +82,7 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.close()
 
-    def __enter__(self) -> Checkpointer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

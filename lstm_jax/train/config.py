@@ -1,10 +1,10 @@
 """The training configuration: one typed schema, YAML files and dotted overrides on top of it.
 
-The dataclasses below are the single source of truth for every key: its default, its type and its
-allowed range. A YAML file overrides some of them, then ``section.key=value`` strings from the command
-line override those. Anything that does not fit the schema (an unknown key, a wrong type, a value out
-of range, an unreadable file) raises :class:`ConfigError` with one message naming the key, before any
-work starts; the command line turns it into exit status 2.
+The dataclasses below are the single source of truth for every key: its default, its type and
+its allowed range. A YAML file overrides some of them, then ``section.key=value`` strings from the
+command line override those. Anything that does not fit the schema (an unknown key, a wrong type,
+a value out of range, an unreadable file) raises :class:`ConfigError` with one message naming
+the key, before any work starts; the command line turns it into exit status 2.
 
 Example::
 
@@ -55,7 +55,7 @@ def _f(default: Any, *, ge: float | None = None, gt: float | None = None,
     ``core=True`` marks a model field that is forwarded, under its own name, to whichever of
     ``lstm_jax.init_lstm`` / ``lstm_jax.lstm`` accepts it (see ``model.core_kwargs``).
     """
-    meta = dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, doc=doc, core=core)
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "doc": doc, "core": core}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -107,7 +107,7 @@ class ModelConfig:
                                      "features: input projection size (0: none)")
     embed_dropout: float = _f(0.0, ge=0.0, lt=1.0, doc="on the LSTM's input")
     output_dropout: float = _f(0.0, ge=0.0, lt=1.0, doc="on the LSTM's output, before the readout")
-    lstm_kwargs: dict = _f({}, doc="any other keyword of init_lstm/lstm, passed through")
+    lstm_kwargs: dict = _f({}, doc="other keywords of init_lstm/lstm")  # noqa: RUF009
 
     def core_kwargs(self) -> dict[str, Any]:
         """The keyword arguments meant for the core, by name (``unroll`` 0 means not given)."""
@@ -131,7 +131,7 @@ class OptimConfig:
     clip_norm: float = _f(0.0, ge=0.0, doc="clip gradients to this global norm; 0: off")
     weight_decay: float = _f(0.0, ge=0.0, doc="decoupled for optimizers that take it (adamw), "
                                               "else L2 added to the gradient; matrices only")
-    kwargs: dict = _f({}, doc="extra keyword arguments of the optax optimizer (b1, momentum...)")
+    kwargs: dict = _f({}, doc="extra keyword arguments of the optax optimizer")  # noqa: RUF009
 
 
 @dataclass

@@ -16,6 +16,7 @@ import json
 import signal
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,8 +27,14 @@ import optax
 import yaml
 
 from lstm_jax.train.checkpoint import Checkpointer
-from lstm_jax.train.config import (Config, ConfigError, OptimConfig, config_from_dict,
-                                   config_to_dict, dump_config)
+from lstm_jax.train.config import (
+    Config,
+    ConfigError,
+    OptimConfig,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+)
 from lstm_jax.train.model import Model, make_model
 from lstm_jax.train.progress import MetricsLog, ProgressBar
 from lstm_jax.train.tasks import Task, make_task
@@ -166,25 +173,28 @@ class Trainer:
         self.make_batch = jax.jit(lambda step: self.task.train_batch(step, self.batch_size))
         self._eval_step = jax.jit(self._eval_step_impl)
         self._reset_sums = jax.jit(self._reset_sums_impl, donate_argnums=0)
+        self._init = jax.jit(self._init_impl)
         self._eval_data: list[dict[str, Any]] | None = None
 
     # -- state -----------------------------------------------------------------------------------
 
     def init_state(self) -> TrainState:
         """Step 0: fresh parameters from the seed, optimizer state, zero carry and sums."""
-        def init():
-            params = self.model.init(self._init_key)
-            carry = self.model.zero_state(self.batch_size) if self.task.stateful else ()
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=self.tx.init(params), carry=carry,
-                              metric_sums={k: jnp.zeros((), jnp.float32)
-                                           for k in self.metric_names},
-                              metric_count=jnp.zeros((), jnp.int32))
-        return jax.jit(init)()
+        # Committed to the device, as a restored checkpoint's arrays are: jit's cache tells the
+        # two apart, and a resumed run must not compile its step again.
+        return jax.device_put(self._init(), jax.devices()[0])
+
+    def _init_impl(self) -> TrainState:
+        params = self.model.init(self._init_key)
+        carry = self.model.zero_state(self.batch_size) if self.task.stateful else ()
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=self.tx.init(params), carry=carry,
+                          metric_sums={k: jnp.zeros((), jnp.float32) for k in self.metric_names},
+                          metric_count=jnp.zeros((), jnp.int32))
 
     def abstract_state(self) -> TrainState:
         """Shapes and dtypes of the state, without computing it (for restoring)."""
-        return jax.eval_shape(self.init_state)
+        return jax.eval_shape(self._init)
 
     # -- step ------------------------------------------------------------------------------------
 
@@ -242,6 +252,7 @@ class Trainer:
         if self._eval_data is None:
             self._eval_data = self.task.eval_batches(self.batch_size)
         carry = self.model.zero_state(self.batch_size) if self.task.stateful else ()
+        carry = jax.device_put(carry, jax.devices()[0])  # committed like its successors
         totals: dict[str, Any] = {}
         weight = 0.0
         for batch in self._eval_data:
@@ -251,6 +262,32 @@ class Trainer:
             weight = weight + w
         totals, weight = jax.device_get((totals, weight))
         return {k: float(totals[k]) / float(weight) for k in self.task.metrics}
+
+
+_TRAINERS: OrderedDict[str, Trainer] = OrderedDict()
+
+
+def get_trainer(cfg: Config) -> Trainer:
+    """A Trainer for ``cfg``, reused while the config and its data file are unchanged.
+
+    Runs of one config in one process (a resumed run in a notebook, tests) then share compiled
+    functions instead of compiling them again.
+    """
+    data = Path(cfg.data.path) if cfg.data.path else None
+    stamp = data.stat().st_mtime_ns if data is not None and data.exists() else None
+    # Only what the compiled functions depend on: not the loop's cadence, nor train.steps
+    # unless the learning-rate schedule reads it.
+    plain = config_to_dict(cfg)
+    ignored = RESUMABLE_KEYS - ({"steps"} if cfg.optim.schedule != "constant" else set())
+    plain["train"] = {k: v for k, v in plain["train"].items() if k not in ignored}
+    key = json.dumps([plain, stamp], sort_keys=True, default=str)
+    if key in _TRAINERS:
+        _TRAINERS.move_to_end(key)
+        return _TRAINERS[key]
+    trainer = _TRAINERS[key] = Trainer(cfg)
+    while len(_TRAINERS) > 4:
+        _TRAINERS.popitem(last=False)
+    return trainer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,7 +403,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, *, stop_at: int | None 
         saved = yaml.safe_load((workdir / "config.yaml").read_text(encoding="utf-8"))
         check_resume_compatible(saved, cfg)
 
-    trainer = Trainer(cfg)
+    trainer = get_trainer(cfg)
     task = trainer.task
     dump_config(cfg, workdir / "config.yaml")
     (workdir / "task.json").write_text(json.dumps(task.info(), indent=1), encoding="utf-8")
@@ -500,7 +537,7 @@ def restore_run(workdir: str | Path, step: int | None = None
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise ConfigError(f"{workdir}: no checkpoint yet")
-        trainer = Trainer(cfg)
+        trainer = get_trainer(cfg)
         state, _ = ckpt.restore(step, trainer.abstract_state())
     finally:
         ckpt.close()

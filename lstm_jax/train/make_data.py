@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["majority_dataset", "main"]
+__all__ = ["main", "majority_dataset"]
 
 
 def majority_dataset(n: int, *, max_len: int = 40, min_len: int = 8, symbols: int = 4,

@@ -135,7 +135,8 @@ class AddingTask(Task):
         first = jax.random.randint(k1, (n,), 0, half)
         second = jax.random.randint(k2, (n,), half, t)
         steps = jnp.arange(t)
-        marks = ((steps[None, :] == first[:, None]) | (steps[None, :] == second[:, None])).astype(jnp.float32)
+        marks = (steps[None, :] == first[:, None]) | (steps[None, :] == second[:, None])
+        marks = marks.astype(jnp.float32)
         x = jnp.stack([values, marks], axis=-1)
         y = jnp.sum(values * marks, axis=1)
         return x, y
@@ -424,7 +425,7 @@ class ClassifyTask(Task):
 
     def info(self):
         return {**super().info(), "num_classes": self.num_classes, "n_train": self.n_train,
-                "n_test": int(len(self._test["y"]))}
+                "n_test": len(self._test["y"])}
 
 
 _TASKS = {"adding": AddingTask, "copy": CopyTask, "charlm": CharLMTask,
