@@ -406,6 +406,18 @@ def _cpu_counters() -> tuple[float, float, float] | None:
     return time.perf_counter(), busy, t.user + t.system
 
 
+def _wait_until_quiet(quiet: float, deadline: float, window: float = 1.0) -> None:
+    """Sleeps until other processes use at most ``quiet`` of the CPUs over ``window`` seconds."""
+    while time.perf_counter() < deadline:
+        start = _cpu_counters()
+        if start is None:
+            return
+        time.sleep(window)
+        busy = _others_cpu(start, _cpu_counters())
+        if busy is None or busy <= quiet:
+            return
+
+
 def _others_cpu(start, end) -> float | None:
     if start is None or end is None or end[0] <= start[0]:
         return None
@@ -434,9 +446,16 @@ def bench_case(
     repeats: int,
     warmup: int,
     min_time: float,
+    quiet: float | None = None,
+    max_wait: float = 600.0,
     log: Callable[[str], None] = print,
 ) -> list[Result]:
-    """Prepares every implementation for one shape and mode, then times them round robin."""
+    """Prepares every implementation for one shape and mode, then times them round robin.
+
+    With ``quiet`` (a fraction of the CPUs, e.g. 0.1) each round waits until other processes
+    use less than that, and a round during which they used more is timed again, for up to
+    ``max_wait`` seconds per case; after that rounds are kept whatever the load.
+    """
     prepared, results = {}, {}
     for impl in impls:
         try:
@@ -454,19 +473,37 @@ def bench_case(
             results[impl.label] = Result(shape, mode, impl.label, None, status="error",
                                          note=f"{type(e).__name__}: {_first_line(e)}", half=impl.half)
     order = list(prepared)
-    counters = _cpu_counters()
-    for r in range(repeats):
+    deadline = time.perf_counter() + max_wait
+    busy_kept, rounds, discarded = [], 0, 0
+    while rounds < repeats and order:
+        if quiet is not None:
+            _wait_until_quiet(quiet, deadline)
+        start = _cpu_counters()
         # Rotate the order so no implementation always follows the same neighbour.
-        k = r % max(1, len(order))
+        k = (rounds + discarded) % len(order)
+        new = {}
         for label in order[k:] + order[:k]:
-            p, inner, samples = prepared[label]
+            p, inner, _ = prepared[label]
+            new[label] = []
             for _ in range(inner):
                 # Each call timed on its own: the median then ignores the calls that another
                 # process on a shared machine stalled (which a mean over the sample would not).
                 t0 = time.perf_counter()
                 p.run()
-                samples.append(time.perf_counter() - t0)
-    others = _others_cpu(counters, _cpu_counters())
+                new[label].append(time.perf_counter() - t0)
+        busy = _others_cpu(start, _cpu_counters())
+        if (quiet is not None and busy is not None and busy > quiet
+                and time.perf_counter() < deadline):
+            discarded += 1  # another process took the CPUs during this round: time it again
+            continue
+        rounds += 1
+        for label, times in new.items():
+            prepared[label][2].extend(times)
+        if busy is not None:
+            busy_kept.append(busy)
+    if discarded:
+        log(f"  {discarded} round(s) discarded: other processes busy")
+    others = statistics.mean(busy_kept) if busy_kept else None
     for impl in impls:
         if impl.label in prepared:
             p, _, samples = prepared[impl.label]
@@ -728,6 +765,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "<machine>-unroll.md for a sweep)")
     p.add_argument("--max-seconds", type=float,
                    help="start no new shape after this many seconds (partial table kept)")
+    p.add_argument("--quiet", type=float, metavar="FRACTION",
+                   help="on a shared machine: time a round only while other processes use at "
+                   "most this fraction of the CPUs (e.g. 0.1), and time again a round they disturbed")
+    p.add_argument("--max-wait", type=float, default=600.0,
+                   help="seconds per case to wait for --quiet before keeping disturbed rounds")
     p.add_argument("--notes", type=Path, help="a Markdown file appended to the results file")
     return p
 
@@ -741,6 +783,8 @@ def run_benchmarks(
     warmup: int = 2,
     min_time: float = 0.02,
     max_seconds: float | None = None,
+    quiet: float | None = None,
+    max_wait: float = 600.0,
     on_case: Callable[[list[Result]], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Result]:
@@ -755,7 +799,7 @@ def run_benchmarks(
         for mode in modes:
             log(f"{shape.label} {_mode_label(mode)} (load {_load()})")
             case = bench_case(shape, mode, impls, repeats=repeats, warmup=warmup,
-                              min_time=min_time, log=log)
+                              min_time=min_time, quiet=quiet, max_wait=max_wait, log=log)
             busy = next((r.others_cpu for r in case if r.others_cpu is not None), None)
             if busy is not None:
                 log(f"  other processes used {100 * busy:.0f}% of the CPUs while timing")
@@ -814,6 +858,12 @@ def main(argv: list[str] | None = None) -> int:
         "a few percent the timings are disturbed.",
         f"- load average (1/5/15 min) at start: {_load()}",
     ]
+    if args.quiet is not None:
+        header.append(
+            f"- --quiet {args.quiet:g}: rounds timed while other processes used <= "
+            f"{100 * args.quiet:.0f}% of the CPUs; disturbed rounds timed again (up to "
+            f"{args.max_wait:.0f} s per case)"
+        )
     notes = [args.notes.read_text()] if args.notes else []
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -828,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = run_benchmarks(
         shapes, impls, modes, repeats=args.repeats, warmup=args.warmup, min_time=args.min_time,
-        max_seconds=args.max_seconds, on_case=write,
+        max_seconds=args.max_seconds, quiet=args.quiet, max_wait=args.max_wait, on_case=write,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     write(results, done=True)
