@@ -7,6 +7,7 @@ Gate order i, f, g, o; state ``LSTMState(h, c)``.
 """
 
 from lstm_jax._cell import lstm_cell as lstm_cell
+from lstm_jax._cell import variant_step as variant_step
 from lstm_jax._interop import from_torch as from_torch
 from lstm_jax._interop import to_torch as to_torch
 from lstm_jax._lstm import default_unroll as default_unroll
@@ -28,4 +29,5 @@ __all__ = [
     "lstm",
     "lstm_cell",
     "to_torch",
+    "variant_step",
 ]

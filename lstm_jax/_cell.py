@@ -6,12 +6,18 @@ Flax modules call these functions rather than writing the equations again.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from lstm_jax._params import LSTMCellParams, LSTMState
 
 Array = jax.Array
+
+# Added to the variance in layer normalisation (as torch.nn.LayerNorm and Flax's LayerNorm).
+LN_EPS = 1e-5
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
@@ -50,7 +56,18 @@ def project(r: Array, w_hr: Array | None, dtype, acc_dtype, precision=None) -> A
 
 
 def lstm_cell(
-    cell_params: LSTMCellParams, state: LSTMState, x: Array, *, precision=None
+    cell_params: LSTMCellParams,
+    state: LSTMState,
+    x: Array,
+    *,
+    precision=None,
+    cell_clip: float | None = None,
+    zoneout_h: float = 0.0,
+    zoneout_c: float = 0.0,
+    recurrent_dropout: float = 0.0,
+    candidate_dropout: float = 0.0,
+    key: Array | None = None,
+    recurrent_key: Array | None = None,
 ) -> tuple[LSTMState, Array]:
     """One LSTM step, with the ``lax.scan`` signature ``(carry, x) -> (carry, y)``.
 
@@ -66,6 +83,15 @@ def lstm_cell(
       state: ``LSTMState(h: (B, H_out), c: (B, H))``; unbatched ``(H_out,)``, ``(H,)`` works too.
       x: ``(B, input_size)`` or ``(input_size,)``.
       precision: optional ``jax.lax.Precision`` for the matrix products.
+      cell_clip, zoneout_h, zoneout_c, recurrent_dropout, candidate_dropout: the call-time
+        research variants, as in :func:`lstm_jax.lstm` (equations in :func:`variant_step`).
+        Parameter-bearing variants (peephole, layer norm, CIFG) are read from ``cell_params``.
+      key: PRNG key of this step's zoneout and candidate-dropout masks (pass a fresh one at
+        every step); without it those variants run in evaluation mode (zoneout: its
+        expectation; dropout: off).
+      recurrent_key: PRNG key of the recurrent-dropout mask on ``h``. Gal & Ghahramani
+        draw one mask per sequence: pass the *same* ``recurrent_key`` at every step of it.
+        Without it recurrent dropout is off (evaluation).
 
     Returns:
       ``(LSTMState(h', c'), h')``. ``h'`` has the dtype of ``x``; ``c'`` is kept in
@@ -76,6 +102,16 @@ def lstm_cell(
       >>> state = LSTMState(jnp.zeros((2, 5)), jnp.zeros((2, 5)))
       >>> state, h = lstm_cell(p, state, jnp.ones((2, 3)))
     """
+    opts = VariantOptions.create(
+        cell_clip, zoneout_h, zoneout_c, recurrent_dropout, candidate_dropout
+    )
+    if opts.active or not cell_params.is_plain:
+        if recurrent_dropout > 0.0 and key is not None and recurrent_key is None:
+            raise ValueError(
+                "recurrent_dropout in training needs recurrent_key: the same key at every step "
+                "of a sequence (Gal & Ghahramani's one mask per sequence)"
+            )
+        return _variant_cell(cell_params, state, x, opts, key, recurrent_key, precision)
     dtype = x.dtype
     acc = accumulation_dtype(dtype)
     z = matmul(x, cell_params.w_ih.astype(dtype), acc, precision)
@@ -85,4 +121,236 @@ def lstm_cell(
     c_new, r = cell_update(z, state.c.astype(acc))
     w_hr = None if cell_params.w_hr is None else cell_params.w_hr.astype(dtype)
     h_new = project(r, w_hr, dtype, acc, precision)
+    return LSTMState(h_new, c_new), h_new
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Research variants
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_rate(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+class VariantOptions(NamedTuple):
+    """The call-time variants, static (hashable) so that they can select code under ``jit``.
+
+    ``cell_clip`` None or > 0; rates in [0, 1). Whether masks are drawn (training) is told by
+    the masks themselves: None means evaluation.
+    """
+
+    cell_clip: float | None = None
+    zoneout_h: float = 0.0
+    zoneout_c: float = 0.0
+    recurrent_dropout: float = 0.0
+    candidate_dropout: float = 0.0
+
+    @classmethod
+    def create(cls, cell_clip=None, zoneout_h=0.0, zoneout_c=0.0, recurrent_dropout=0.0,
+               candidate_dropout=0.0) -> VariantOptions:
+        """Validates the options (a ``ValueError`` naming the argument) and builds them."""
+        if cell_clip is not None:
+            if isinstance(cell_clip, bool) or not isinstance(cell_clip, (int, float)) or not (
+                cell_clip > 0
+            ):
+                raise ValueError(f"cell_clip must be a positive number or None, got {cell_clip!r}")
+            cell_clip = float(cell_clip)
+        return cls(
+            cell_clip,
+            _check_rate("zoneout_h", zoneout_h),
+            _check_rate("zoneout_c", zoneout_c),
+            _check_rate("recurrent_dropout", recurrent_dropout),
+            _check_rate("candidate_dropout", candidate_dropout),
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.cell_clip is not None or any(self[1:])
+
+
+class StepMasks(NamedTuple):
+    """Per-step Bernoulli masks (bool, True = keep the new value), or None in evaluation.
+
+    ``g``: keep mask of the candidate (Semeniuta dropout), ``(B, H)``;
+    ``c``, ``h``: zoneout's update masks (True: take the new value), ``(B, H)``, ``(B, H_out)``.
+    """
+
+    g: Array | None = None
+    c: Array | None = None
+    h: Array | None = None
+
+
+class CellExtras(NamedTuple):
+    """The per-unit parameters the elementwise step reads (cast to the accumulation dtype)."""
+
+    w_peep: Array | None = None
+    ln_h_scale: Array | None = None
+    ln_c_scale: Array | None = None
+    ln_c_bias: Array | None = None
+
+    @classmethod
+    def of(cls, p: LSTMCellParams, acc) -> CellExtras:
+        def cast(a):
+            return None if a is None else a.astype(acc)
+
+        return cls(cast(p.w_peep), cast(p.ln_h_scale), cast(p.ln_c_scale), cast(p.ln_c_bias))
+
+
+def layer_norm(v: Array, scale: Array, bias: Array | None = None, eps: float = LN_EPS) -> Array:
+    """Normalises the last axis to zero mean and unit variance, then ``* scale (+ bias)``."""
+    mean = jnp.mean(v, axis=-1, keepdims=True)
+    centred = v - mean
+    var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+    out = centred * jax.lax.rsqrt(var + eps) * scale
+    return out if bias is None else out + bias
+
+
+def input_preactivations(xw: Array, p: LSTMCellParams, acc) -> Array:
+    """``LN(x @ w_ih) + b`` (or ``x @ w_ih + b``): the part of ``z`` known before the loop."""
+    a = xw if p.ln_x_scale is None else layer_norm(xw, p.ln_x_scale.astype(acc))
+    return a if p.b is None else a + p.b.astype(acc)
+
+
+def variant_step(
+    a: Array,
+    hw: Array | None,
+    c: Array,
+    extras: CellExtras,
+    opts: VariantOptions,
+    g_mask: Array | None = None,
+    c_mask: Array | None = None,
+) -> tuple[Array, Array]:
+    """The elementwise part of one step of the LSTM variants: from pre-activations to ``(r, c_t)``.
+
+    ``a`` holds the input pre-activations (after their layer norm, bias added), ``hw`` the
+    recurrent ones ``(h_{t-1} * m) @ w_hh`` (None when ``a`` already holds the whole sum).
+    With ``G`` gate blocks (4: i, f, g, o; 3 with CIFG: f, g, o)::
+
+        z = a + LN(hw; ln_h_scale)            # Ba et al. 2016; a + hw without layer norm
+        i = sigmoid(z_i + p_i * c_{t-1})      # peepholes p (Gers & Schmidhuber 2000)
+        f = sigmoid(z_f + p_f * c_{t-1})
+        i = 1 - f                             # CIFG instead (Greff et al. 2017)
+        g = tanh(z_g) * d_g / (1 - p_g)       # candidate dropout (Semeniuta et al. 2016)
+        c~ = clip(f * c_{t-1} + i * g, -cell_clip, cell_clip)
+        o = sigmoid(z_o + p_o * c~)
+        r = o * tanh(LN(c~; ln_c_scale, ln_c_bias))
+        c_t = d_c * c~ + (1 - d_c) * c_{t-1}  # zoneout (Krueger et al. 2017), d_c ~ B(1 - z_c)
+
+    In evaluation (masks None) dropout is off and zoneout takes its expectation,
+    ``c_t = (1 - z_c) * c~ + z_c * c_{t-1}``. The caller projects ``r`` and applies zoneout to
+    ``h`` (it needs ``h_{t-1}``, after the projection). Matrix products are not in here, so
+    the backward pass differentiates this function step by step and still computes the
+    weight gradients as single products over all steps.
+
+    Returns:
+      ``(r, c_t)``: ``r: (B, H)`` the unprojected output, ``c_t: (B, H)`` the new cell state.
+    """
+    hidden = c.shape[-1]
+    if hw is None:
+        z = a
+    else:
+        z = a + (hw if extras.ln_h_scale is None else layer_norm(hw, extras.ln_h_scale))
+    gates = z.shape[-1] // hidden
+    if gates == 4:
+        zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
+    else:
+        zf, zg, zo = jnp.split(z, 3, axis=-1)
+    p = extras.w_peep
+    if p is not None:
+        if gates == 4:
+            zi = zi + p[0] * c
+        zf = zf + p[-2] * c
+    f = jax.nn.sigmoid(zf)
+    i = jax.nn.sigmoid(zi) if gates == 4 else 1.0 - f
+    g = jnp.tanh(zg)
+    if g_mask is not None:
+        g = jnp.where(g_mask, g / (1.0 - opts.candidate_dropout), jnp.zeros_like(g))
+    c_new = f * c + i * g
+    if opts.cell_clip is not None:
+        c_new = jnp.clip(c_new, -opts.cell_clip, opts.cell_clip)
+    if p is not None:
+        zo = zo + p[-1] * c_new
+    o = jax.nn.sigmoid(zo)
+    c_out = c_new
+    if extras.ln_c_scale is not None:
+        c_out = layer_norm(c_new, extras.ln_c_scale, extras.ln_c_bias)
+    r = o * jnp.tanh(c_out)
+    return r, zoneout(c, c_new, c_mask, opts.zoneout_c)
+
+
+def zoneout(prev: Array, new: Array, update_mask: Array | None, rate: float) -> Array:
+    """Zoneout (Krueger et al. 2017): keep each unit's previous value with probability ``rate``.
+
+    Training (``update_mask`` drawn ~ Bernoulli(1 - rate)): ``where(mask, new, prev)``.
+    Evaluation (mask None): the expectation ``prev + (1 - rate) * (new - prev)``.
+    """
+    if update_mask is not None:
+        return jnp.where(update_mask, new, prev)
+    if rate == 0.0:
+        return new
+    return prev + (1.0 - rate) * (new - prev)
+
+
+def zoneout_grad(
+    d_out: Array, update_mask: Array | None, rate: float
+) -> tuple[Array, Array | None]:
+    """Splits the gradient of :func:`zoneout`'s output into ``(d_new, d_prev)`` (None: zero)."""
+    if update_mask is not None:
+        zero = jnp.zeros_like(d_out)
+        return jnp.where(update_mask, d_out, zero), jnp.where(update_mask, zero, d_out)
+    if rate == 0.0:
+        return d_out, None
+    return (1.0 - rate) * d_out, rate * d_out
+
+
+def _uniform(key: Array, shape) -> Array:
+    """U[0, 1) of ``shape``, drawn flat: XLA on CPU compiles a multi-dimensional threefry draw
+    several times slower than a flat one, and one draw serves all the masks of a layer."""
+    return jax.random.uniform(key, (math.prod(shape),)).reshape(shape)
+
+
+def recurrent_mask(key: Array, rate: float, shape, dtype) -> Array:
+    """Gal & Ghahramani's dropout mask on ``h_{t-1}``, scaled by ``1 / (1 - rate)``."""
+    keep = _uniform(key, tuple(shape)) < 1.0 - rate
+    return jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(dtype)
+
+
+def draw_step_masks(key: Array | None, opts: VariantOptions, lead, hidden, out) -> StepMasks:
+    """Draws the per-step masks of shape ``lead + (hidden,)`` (``out`` for h); None without key."""
+    if key is None:
+        return StepMasks()
+    lead = tuple(lead)
+    sizes = {"g": (opts.candidate_dropout, hidden), "c": (opts.zoneout_c, hidden),
+             "h": (opts.zoneout_h, out)}
+    sizes = {name: rs for name, rs in sizes.items() if rs[0] > 0.0}
+    if not sizes:
+        return StepMasks()
+    u = _uniform(key, lead + (sum(size for _, size in sizes.values()),))
+    masks, start = {}, 0
+    for name, (rate, size) in sizes.items():
+        masks[name] = u[..., start : start + size] < 1.0 - rate
+        start += size
+    return StepMasks(**masks)
+
+
+def _variant_cell(p, state, x, opts, key, recurrent_key, precision):
+    """:func:`lstm_cell` for parameters or options of the research variants."""
+    dtype = x.dtype
+    acc = accumulation_dtype(dtype)
+    h = state.h.astype(dtype)
+    c = state.c.astype(acc)
+    a = input_preactivations(matmul(x, p.w_ih.astype(dtype), acc, precision), p, acc)
+    h_in = h
+    if opts.recurrent_dropout > 0.0 and recurrent_key is not None:
+        h_in = h * recurrent_mask(recurrent_key, opts.recurrent_dropout, h.shape, dtype)
+    hw = matmul(h_in, p.w_hh.astype(dtype), acc, precision)
+    masks = draw_step_masks(key, opts, c.shape[:-1], c.shape[-1], h.shape[-1])
+    r, c_new = variant_step(a, hw, c, CellExtras.of(p, acc), opts, masks.g, masks.c)
+    w_hr = None if p.w_hr is None else p.w_hr.astype(dtype)
+    h_new = project(r, w_hr, dtype, acc, precision)
+    h_new = zoneout(h.astype(acc), h_new.astype(acc), masks.h, opts.zoneout_h).astype(dtype)
     return LSTMState(h_new, c_new), h_new

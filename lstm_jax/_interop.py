@@ -122,7 +122,13 @@ def to_torch(params: LSTMParams) -> dict[str, np.ndarray]:
             extra = [name for name in p._fields[4:] if getattr(p, name) is not None]
             if extra:
                 raise ValueError(
-                    f"layer {layer} has parameters torch.nn.LSTM cannot represent: {extra}"
+                    f"layer {layer} has parameters torch.nn.LSTM cannot represent: {extra} "
+                    "(peephole or layer-norm weights of a research variant)"
+                )
+            if p.cifg:
+                raise ValueError(
+                    f"layer {layer} is a coupled input-forget gate (CIFG) LSTM with 3 gate "
+                    "blocks: torch.nn.LSTM cannot represent it"
                 )
             suffix = f"_l{layer}" + ("_reverse" if d else "")
             out["weight_ih" + suffix] = np.asarray(p.w_ih).T.copy()

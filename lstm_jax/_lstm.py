@@ -7,9 +7,23 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lstm_jax._cell import accumulation_dtype, matmul
+from lstm_jax._cell import (
+    CellExtras,
+    VariantOptions,
+    accumulation_dtype,
+    draw_step_masks,
+    input_preactivations,
+    matmul,
+    recurrent_mask,
+)
 from lstm_jax._params import LSTMParams, LSTMState
-from lstm_jax._recurrence import recurrence, recurrence_autodiff, remat_chunk
+from lstm_jax._recurrence import (
+    recurrence,
+    recurrence_autodiff,
+    remat_chunk,
+    variant_recurrence,
+    variant_recurrence_autodiff,
+)
 
 Array = jax.Array
 
@@ -70,6 +84,11 @@ def lstm(
     precision=None,
     remat: bool = False,
     custom_grad: bool = True,
+    cell_clip: float | None = None,
+    zoneout_h: float = 0.0,
+    zoneout_c: float = 0.0,
+    recurrent_dropout: float = 0.0,
+    candidate_dropout: float = 0.0,
 ) -> tuple[Array, LSTMState]:
     """Runs a stacked, optionally bidirectional LSTM over a batch of sequences.
 
@@ -107,6 +126,22 @@ def lstm(
       remat: recompute the forward pass during the backward pass, keeping only about
         sqrt(T) saved states per layer: for very long sequences.
       custom_grad: use the hand-written backward pass (True) or JAX autodiff of the scan.
+      cell_clip: clip the cell state to ``[-cell_clip, cell_clip]`` after each update (as
+        TensorFlow's ``LSTMCell(cell_clip=...)``); None: no clipping.
+      zoneout_h, zoneout_c: zoneout rates of ``h`` and ``c`` (Krueger et al. 2017): with
+        ``key`` each unit keeps its previous value with this probability at each step;
+        without ``key`` the expectation ``z * prev + (1 - z) * new``.
+      recurrent_dropout: variational dropout of ``h_{t-1}`` before ``w_hh`` (Gal &
+        Ghahramani 2016): one mask per sequence, layer and direction, shared by the gates and
+        by all steps; only with ``key``.
+      candidate_dropout: dropout of the candidate ``g`` in ``c_t = f * c_{t-1} + i * g``
+        (Semeniuta et al. 2016, "recurrent dropout without memory loss"): a fresh mask at
+        each step; only with ``key``.
+
+      Peephole, layer-norm and CIFG LSTMs are told by ``params`` (see :func:`init_lstm`).
+      Every variant keeps the fast path: the input product is hoisted and the backward pass
+      computes the weight gradients as single products after the loop. Equations:
+      :func:`lstm_jax.variant_step` and ``docs/variants.md``.
 
     Returns:
       ``(y, LSTMState(h_n, c_n))`` with ``y: (B, T, D*H_out)`` (``(T, B, D*H_out)`` if not
@@ -171,6 +206,14 @@ def lstm(
 
     unroll = default_unroll() if unroll is None else unroll
     unroll = max(1, min(unroll, T))
+    opts = VariantOptions.create(
+        cell_clip, zoneout_h, zoneout_c, recurrent_dropout, candidate_dropout
+    )
+    if opts.active or not params.is_plain:
+        return _variant_lstm(
+            params, x, h0, c0, mask, reverse_index, opts, dropout, key, unroll, precision, remat,
+            custom_grad, dtype, acc, out_dtype, unbatched, batch_first,
+        )
     if custom_grad:
         chunk = remat_chunk(T) if remat else 0
         run = functools.partial(recurrence, unroll, precision, chunk)
@@ -202,6 +245,81 @@ def lstm(
             xw = jnp.stack([xw_fwd, _time_reverse(xw_bwd, reverse_index)])
             w_hr_stacked = None if w_hr[0] is None else jnp.stack(w_hr)
             ys2, (h, c) = run(xw, jnp.stack(w_hh), w_hr_stacked, h0[states], c0[states], mask)
+            ys = jnp.concatenate([ys2[0], _time_reverse(ys2[1], reverse_index)], axis=-1)
+        h_n.append(h)
+        c_n.append(c)
+        if dropout > 0.0 and key is not None and layer < L - 1:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, layer), 1.0 - dropout, ys.shape)
+            ys = jnp.where(keep, ys / (1.0 - dropout), jnp.zeros_like(ys)).astype(dtype)
+        layer_input = ys
+
+    y = layer_input.astype(out_dtype)
+    h_n = jnp.concatenate(h_n).astype(out_dtype)
+    c_n = jnp.concatenate(c_n).astype(out_dtype)
+    if unbatched:
+        return y[:, 0], LSTMState(h_n[:, 0], c_n[:, 0])
+    if batch_first:
+        y = jnp.swapaxes(y, 0, 1)
+    return y, LSTMState(h_n, c_n)
+
+
+def variant_masks(key, layer, opts, D, T, B, H, H_out, dtype):
+    """The random masks of one layer: ``(rmask: (D, B, H_out) | None, StepMasks (D, T, B, .))``.
+
+    Step masks are indexed by loop step: for the reverse direction step s is time len-1-s.
+    """
+    if key is None:
+        return None, draw_step_masks(None, opts, (), H, H_out)
+    # Far from the keys of inter-layer dropout (fold_in(key, layer)).
+    k_rec, k_step = jax.random.split(jax.random.fold_in(key, (1 << 20) + layer))
+    rmask = None
+    if opts.recurrent_dropout:
+        rmask = recurrent_mask(k_rec, opts.recurrent_dropout, (D, B, H_out), dtype)
+    return rmask, draw_step_masks(k_step, opts, (D, T, B), H, H_out)
+
+
+def _variant_lstm(params, x, h0, c0, mask, reverse_index, opts, dropout, key, unroll, precision,
+                  remat, custom_grad, dtype, acc, out_dtype, unbatched, batch_first):
+    """:func:`lstm` for the research variants: the same structure with the variant loop."""
+    L, D = params.num_layers, params.num_directions
+    T, B = x.shape[:2]
+    H, H_out = params.hidden_size, params.output_size
+    if custom_grad:
+        chunk = remat_chunk(T) if remat else 0
+        run = functools.partial(variant_recurrence, unroll, precision, chunk, opts)
+    else:
+        run = functools.partial(variant_recurrence_autodiff, unroll, precision, opts)
+        if remat:
+            run = jax.checkpoint(run)
+    if D == 2:
+        run = jax.vmap(run, in_axes=(0, 0, 0, 0, 0, 0, None, 0, 0))
+
+    h_n, c_n = [], []
+    layer_input = x
+    for layer, directions in enumerate(params.layers):
+        w_ih = jnp.concatenate([p.w_ih.astype(dtype) for p in directions], axis=1)
+        xw = jnp.split(matmul(layer_input, w_ih, acc, precision), D, axis=-1)
+        # The input layer norm and the bias act on each direction's (T, B, G*H) block.
+        a = [input_preactivations(xw_d, p, acc) for xw_d, p in zip(xw, directions, strict=True)]
+        w_hh = [p.w_hh.astype(dtype) for p in directions]
+        w_hr = [None if p.w_hr is None else p.w_hr.astype(dtype) for p in directions]
+        extras = [CellExtras.of(p, acc) for p in directions]
+        rmask, masks = variant_masks(key, layer, opts, D, T, B, H, H_out, dtype)
+        states = slice(layer * D, (layer + 1) * D)
+        if D == 1:
+            first = lambda v: None if v is None else v[0]  # noqa: E731
+            ys, (h, c) = run(
+                a[0], w_hh[0], w_hr[0], extras[0], h0[layer], c0[layer], mask, first(rmask),
+                jax.tree_util.tree_map(first, masks),
+            )
+            h, c = h[None], c[None]
+        else:
+            a = jnp.stack([a[0], _time_reverse(a[1], reverse_index)])
+            stack = lambda *v: None if v[0] is None else jnp.stack(v)  # noqa: E731
+            ys2, (h, c) = run(
+                a, jnp.stack(w_hh), stack(*w_hr), jax.tree_util.tree_map(stack, *extras,
+                is_leaf=lambda v: v is None), h0[states], c0[states], mask, rmask, masks,
+            )
             ys = jnp.concatenate([ys2[0], _time_reverse(ys2[1], reverse_index)], axis=-1)
         h_n.append(h)
         c_n.append(c)

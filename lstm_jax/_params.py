@@ -7,6 +7,17 @@ Weights are stored input-major so that the hot products are ``x @ W`` with no tr
 * ``b``:    (4H,) or None -- one combined bias (torch's ``b_ih + b_hh``);
 * ``w_hr``: (H, H_out) or None -- the output projection of Sak et al. 2014 (torch's ``proj_size``).
 
+Research variants that carry weights add optional fields (None when off), so the structure
+still says what is on (see ``docs/variants.md``):
+
+* CIFG (coupled input-forget gate, ``i = 1 - f``): no input-gate block, so ``w_ih: (in, 3H)``,
+  ``w_hh: (H_out, 3H)``, ``b: (3H,)`` in the order f, g, o;
+* ``w_peep``: (P, H) or None -- peephole weights (Gers & Schmidhuber 2000), one row per
+  sigmoid gate: i, f, o (P = 3), or f, o with CIFG (P = 2);
+* ``ln_x_scale``, ``ln_h_scale``: (G*H,) or None -- layer-norm gains of the input and the
+  recurrent pre-activations (Ba et al. 2016); their shifts add up with ``b``, which holds them;
+* ``ln_c_scale``, ``ln_c_bias``: (H,) or None -- layer-norm gain and shift of the cell state.
+
 The structure of the pytree alone says how many layers there are, whether the LSTM is
 bidirectional, projected and biased, so :func:`lstm_jax.lstm` takes no argument that could
 disagree with it.
@@ -37,12 +48,21 @@ class LSTMState(NamedTuple):
 
 
 class LSTMCellParams(NamedTuple):
-    """Weights of one layer in one direction (gate order i, f, g, o)."""
+    """Weights of one layer in one direction (gate order i, f, g, o; f, g, o with CIFG).
+
+    The first four fields are torch.nn.LSTM's; the rest belong to research variants and are
+    None when the variant is off (see :func:`init_lstm`).
+    """
 
     w_ih: Array
     w_hh: Array
     b: Array | None = None
     w_hr: Array | None = None
+    w_peep: Array | None = None
+    ln_x_scale: Array | None = None
+    ln_h_scale: Array | None = None
+    ln_c_scale: Array | None = None
+    ln_c_bias: Array | None = None
 
     @property
     def input_size(self) -> int:
@@ -50,7 +70,30 @@ class LSTMCellParams(NamedTuple):
 
     @property
     def hidden_size(self) -> int:
-        return self.w_ih.shape[1] // 4
+        # Read from w_hh (or w_hr), not w_ih // 4, so that CIFG's three gate blocks work too.
+        return self.w_hh.shape[0] if self.w_hr is None else self.w_hr.shape[0]
+
+    @property
+    def num_gates(self) -> int:
+        """4 (i, f, g, o), or 3 (f, g, o) for a coupled input-forget gate."""
+        return self.w_hh.shape[1] // self.hidden_size
+
+    @property
+    def cifg(self) -> bool:
+        return self.num_gates == 3
+
+    @property
+    def peephole(self) -> bool:
+        return self.w_peep is not None
+
+    @property
+    def layer_norm(self) -> bool:
+        return self.ln_h_scale is not None
+
+    @property
+    def is_plain(self) -> bool:
+        """True when these are torch.nn.LSTM's weights and nothing else."""
+        return self.num_gates == 4 and all(getattr(self, n) is None for n in self._fields[4:])
 
     @property
     def output_size(self) -> int:
@@ -94,6 +137,23 @@ class LSTMParams(NamedTuple):
     def has_bias(self) -> bool:
         return self.layers[0][0].b is not None
 
+    @property
+    def cifg(self) -> bool:
+        return self.layers[0][0].cifg
+
+    @property
+    def peephole(self) -> bool:
+        return self.layers[0][0].peephole
+
+    @property
+    def layer_norm(self) -> bool:
+        return self.layers[0][0].layer_norm
+
+    @property
+    def is_plain(self) -> bool:
+        """True when every layer holds torch.nn.LSTM's weights and nothing else."""
+        return all(p.is_plain for directions in self.layers for p in directions)
+
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -125,6 +185,10 @@ def init_lstm(
     forget_bias: float = 1.0,
     init: str = "default",
     dtype=jnp.float32,
+    peephole: bool = False,
+    layer_norm: bool = False,
+    cifg: bool = False,
+    chrono_t_max: float | None = None,
 ) -> LSTMParams:
     """Draws the parameters of a (stacked, optionally bidirectional, projected) LSTM.
 
@@ -148,6 +212,19 @@ def init_lstm(
       forget_bias: initial forget-gate bias (1.0 by default; the classic advice is 1 or 2).
       init: ``"default"`` or ``"pytorch"``.
       dtype: parameter dtype.
+      peephole: add peephole weights ``w_peep`` (Gers & Schmidhuber 2000): the input and
+        forget gates see ``c_{t-1}``, the output gate sees ``c_t``. Initialised to zero, so
+        the LSTM starts out as the plain one.
+      layer_norm: add layer-norm gains (ones) and the cell-norm shift (zeros) of Ba et al.
+        2016: ``ln_x_scale``, ``ln_h_scale`` (G*H,), ``ln_c_scale``, ``ln_c_bias`` (H,).
+      cifg: coupled input-forget gate, ``i = 1 - f`` (Greff et al. 2017): the input-gate
+        block is left out of ``w_ih``, ``w_hh`` and ``b`` (3 blocks f, g, o; a quarter fewer
+        gate weights). The other blocks are drawn exactly as without ``cifg``.
+      chrono_t_max: if given, chrono initialisation (Tallec & Ollivier 2018) replaces
+        ``forget_bias``: ``b_f = log(u)``, ``u ~ U(1, chrono_t_max - 1)`` per unit, and
+        ``b_i = -b_f`` (no input bias with ``cifg``). Use the longest time dependency
+        expected in the data (e.g. the sequence length). Needs ``bias=True`` and
+        ``chrono_t_max > 2``.
 
     Returns:
       :class:`LSTMParams` whose ``layers[l][d]`` is an :class:`LSTMCellParams`.
@@ -167,6 +244,13 @@ def init_lstm(
         )
     if init not in ("default", "pytorch"):
         raise ValueError(f'init must be "default" or "pytorch", got {init!r}')
+    if chrono_t_max is not None:
+        if isinstance(chrono_t_max, bool) or not isinstance(chrono_t_max, (int, float)) or not (
+            chrono_t_max > 2
+        ):
+            raise ValueError(f"chrono_t_max must be a number > 2, got {chrono_t_max!r}")
+        if not bias:
+            raise ValueError("chrono_t_max sets gate biases: it needs bias=True")
     H = hidden_size
     H_out = proj_size or hidden_size
     D = 2 if bidirectional else 1
@@ -197,6 +281,44 @@ def init_lstm(
                     b = uniform(k_b1, (4 * H,)) + uniform(k_b2, (4 * H,))
                     b = (b + _gate_bias(H, forget_bias, jnp.float32)).astype(dtype)
                 w_hr = uniform(k_hr, (H, H_out)).astype(dtype) if proj_size else None
-            directions.append(LSTMCellParams(w_ih=w_ih, w_hh=w_hh, b=b, w_hr=w_hr))
+            if chrono_t_max is not None:
+                b = _chrono_bias(jax.random.fold_in(k_b2, 1), b, H, chrono_t_max)
+            p = LSTMCellParams(w_ih=w_ih, w_hh=w_hh, b=b, w_hr=w_hr)
+            directions.append(_add_variants(p, H, dtype, peephole, layer_norm, cifg))
         layers.append(tuple(directions))
     return LSTMParams(layers=tuple(layers))
+
+
+def _chrono_bias(key: Array, b: Array, hidden: int, t_max: float) -> Array:
+    """Chrono init (Tallec & Ollivier 2018): ``b_f = log U(1, t_max - 1)``, ``b_i = -b_f``.
+
+    A forget bias of log(T) makes the gate's characteristic memory time about T steps; drawing
+    T uniformly covers the range of time scales up to ``t_max``.
+    """
+    u = jax.random.uniform(key, (hidden,), jnp.float32, 1.0, t_max - 1.0)
+    b_f = jnp.log(u)
+    b = b.astype(jnp.float32).at[hidden : 2 * hidden].set(b_f).at[:hidden].set(-b_f)
+    return b
+
+
+def _add_variants(
+    p: LSTMCellParams, hidden: int, dtype, peephole: bool, layer_norm: bool, cifg: bool
+) -> LSTMCellParams:
+    """Adds the weights of the parameter-bearing variants to plain 4-block parameters."""
+    w_ih, w_hh, b = p.w_ih, p.w_hh, p.b
+    dtype = jnp.dtype(dtype)
+    if b is not None:
+        b = b.astype(dtype)
+    if cifg:
+        # Drop the input-gate block: the rest stays exactly as drawn for the plain LSTM.
+        w_ih, w_hh = w_ih[:, hidden:], w_hh[:, hidden:]
+        b = None if b is None else b[hidden:]
+    gates = 3 if cifg else 4
+    w_peep = jnp.zeros((gates - 1, hidden), dtype) if peephole else None
+    ln = dict(
+        ln_x_scale=jnp.ones((gates * hidden,), dtype),
+        ln_h_scale=jnp.ones((gates * hidden,), dtype),
+        ln_c_scale=jnp.ones((hidden,), dtype),
+        ln_c_bias=jnp.zeros((hidden,), dtype),
+    ) if layer_norm else {}
+    return p._replace(w_ih=w_ih, w_hh=w_hh, b=b, w_peep=w_peep, **ln)

@@ -23,7 +23,15 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lstm_jax._cell import cell_update, gate_activations, matmul, project
+from lstm_jax._cell import (
+    cell_update,
+    gate_activations,
+    matmul,
+    project,
+    variant_step,
+    zoneout,
+    zoneout_grad,
+)
 
 Array = jax.Array
 
@@ -209,4 +217,236 @@ def remat_chunk(steps: int) -> int:
 def recurrence_autodiff(unroll, precision, xw, w_hh, w_hr, h0, c0, mask):
     """The same loop differentiated by JAX's own autodiff (a reference for tests and benchmarks)."""
     (h, c), (ys, _, _) = _run_forward(xw, w_hh, w_hr, h0, c0, mask, unroll, precision)
+    return ys, (h, c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Research variants: the same loop, with the elementwise step differentiated by jax.vjp
+# ----------------------------------------------------------------------------------------------
+#
+# Per step:  h_in = h_{t-1} * m_rec             (recurrent dropout, one mask per sequence)
+#            hw   = h_in @ w_hh                  (the only sequential matrix product)
+#            r, c_t = variant_step(a_t, hw, c_{t-1}, extras, masks_t)   (elementwise)
+#            h_t  = zoneout(h_{t-1}, r @ w_hr, m_h)
+# The backward scan runs jax.vjp on variant_step only; the matrix products stay placed by
+# hand: dh_in = dhw @ w_hh^T inside the loop, dW_hh = sum_t h_in^T dhw and dW_hr after it.
+# The small per-unit parameters (peepholes, layer-norm gains) accumulate in the carry.
+
+
+def _variant_forward_step(w_hh, w_hr, extras, rmask, opts, precision, carry, inputs):
+    h, c = carry
+    a_t, m_t, masks_t = inputs
+    acc = c.dtype
+    h_in = h if rmask is None else h * rmask
+    hw = matmul(h_in, w_hh, acc, precision)
+    r, c_new = variant_step(a_t, hw, c, extras, opts, masks_t.g, masks_t.c)
+    h_new = project(r, w_hr, h.dtype, acc, precision)
+    if opts.zoneout_h:
+        h_new = zoneout(h.astype(acc), h_new.astype(acc), masks_t.h, opts.zoneout_h)
+        h_new = h_new.astype(h.dtype)
+    # Without a layer norm of hw the step needs only z = a + hw: save that, not both.
+    saved = hw if extras.ln_h_scale is not None else a_t + hw
+    if m_t is None:
+        return (h_new, c_new), (h_new, saved, c)
+    valid = m_t[:, None]
+    carry = (jnp.where(valid, h_new, h), jnp.where(valid, c_new, c))
+    return carry, (jnp.where(valid, h_new, jnp.zeros_like(h_new)), saved, c)
+
+
+def _variant_backward_step(w_hh, w_hr, rmask, opts, precision, carry, inputs):
+    """Carries (dh, dc, d_extras); emits (da_t, dhw_t or None, r_t, dh~_t); r, dh~ for dW_hr."""
+    dh, dc, d_extras = carry
+    dy_t, a_t, saved_t, c_prev, extras, m_t, masks_t = inputs
+    acc = dc.dtype
+    dh_total = dh + dy_t.astype(acc)
+    d_new, dh_keep = zoneout_grad(dh_total, masks_t.h, opts.zoneout_h)
+    dc_in = dc
+    if m_t is not None:
+        # Zeroing the cotangents of invalid rows zeroes everything the vjp derives from them,
+        # including their share of the batch-summed parameter gradients.
+        valid = m_t[:, None]
+        d_new = jnp.where(valid, d_new, jnp.zeros_like(d_new))
+        dc_in = jnp.where(valid, dc, jnp.zeros_like(dc))
+    if w_hr is None:
+        dr = d_new
+    else:
+        dr = matmul(d_new.astype(w_hr.dtype), w_hr.T, acc, precision)
+    layer_norm_h = extras.ln_h_scale is not None
+
+    def step(a, hw, c, ex):
+        return variant_step(a, hw, c, ex, opts, masks_t.g, masks_t.c)
+
+    if layer_norm_h:
+        (r, _), vjp = jax.vjp(step, a_t, saved_t, c_prev, extras)
+        da, dhw, dc_prev, d_ex = vjp((dr, dc_in))
+    else:
+        (r, _), vjp = jax.vjp(lambda z, c, ex: step(z, None, c, ex), saved_t, c_prev, extras)
+        da, dc_prev, d_ex = vjp((dr, dc_in))
+        dhw = da
+    dh_in = matmul(dhw.astype(w_hh.dtype), w_hh.T, acc, precision)
+    dh_prev = dh_in if rmask is None else dh_in * rmask.astype(acc)
+    if dh_keep is not None:
+        dh_prev = dh_prev + dh_keep
+    if m_t is not None:
+        dh_prev = jnp.where(valid, dh_prev, dh)
+        dc_prev = jnp.where(valid, dc_prev, dc)
+    d_extras = jax.tree_util.tree_map(jnp.add, d_extras, d_ex)
+    proj = w_hr is not None
+    return (dh_prev, dc_prev, d_extras), (
+        da, dhw if layer_norm_h else None, r if proj else None, d_new if proj else None
+    )
+
+
+def _run_variant_forward(a, w_hh, w_hr, extras, rmask, h0, c0, mask, masks, opts, unroll,
+                         precision):
+    step = functools.partial(_variant_forward_step, w_hh, w_hr, extras, rmask, opts, precision)
+    return jax.lax.scan(step, (h0, c0), (a, mask, masks), unroll=unroll)
+
+
+def _run_variant_backward(w_hh, w_hr, extras, rmask, carry, dys, a, saved, c_prev, mask, masks,
+                          opts, unroll, precision):
+    def step(carry, inputs):
+        return _variant_backward_step(w_hh, w_hr, rmask, opts, precision, carry, inputs[:4] + (
+            extras,) + inputs[4:])
+
+    return jax.lax.scan(step, carry, (dys, a, saved, c_prev, mask, masks), reverse=True,
+                        unroll=unroll)
+
+
+def _variant_weight_grads(w_hh, w_hr, rmask, h0, ys, dhw, r, d_new, acc):
+    """dW_hh and dW_hr as single products over all (t, b) of a span of steps."""
+    h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
+    if rmask is not None:
+        h_prev = h_prev * rmask
+    dw_hh = jnp.einsum("tbk,tbg->kg", h_prev, dhw.astype(h_prev.dtype), preferred_element_type=acc)
+    dw_hr = None
+    if w_hr is not None:
+        dw_hr = jnp.einsum(
+            "tbh,tbk->hk", r.astype(w_hr.dtype), d_new.astype(w_hr.dtype),
+            preferred_element_type=acc,
+        )
+    return dw_hh, dw_hr
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def variant_recurrence(unroll, precision, chunk, opts, a, w_hh, w_hr, extras, h0, c0, mask, rmask,
+                       masks):
+    """One layer of an LSTM variant over time: ``a: (T, B, G*H)`` -> ``(ys, (h_T, c_T))``.
+
+    ``a`` holds the input pre-activations (input layer norm and bias applied), ``extras`` the
+    :class:`CellExtras` (accumulation dtype), ``rmask: (B, H_out)`` the recurrent-dropout
+    mask or None, ``masks`` the :class:`StepMasks` with a leading time axis, ``opts`` the
+    static :class:`VariantOptions`. ``chunk`` as for :func:`recurrence`.
+    """
+    (h, c), (ys, _, _) = _run_variant_forward(
+        a, w_hh, w_hr, extras, rmask, h0, c0, mask, masks, opts, unroll, precision
+    )
+    return ys, (h, c)
+
+
+def _variant_recurrence_fwd(unroll, precision, chunk, opts, a, w_hh, w_hr, extras, h0, c0, mask,
+                            rmask, masks):
+    args = (w_hh, w_hr, extras, rmask, h0, c0, mask, masks, a)
+    if not chunk:
+        (h, c), (ys, saved, c_prev) = _run_variant_forward(
+            a, w_hh, w_hr, extras, rmask, h0, c0, mask, masks, opts, unroll, precision
+        )
+        return (ys, (h, c)), (args, ys, saved, c_prev, None)
+    a_c, mask_c, masks_c, steps = _variant_chunked(a, mask, masks, chunk)
+
+    def chunk_step(carry, inputs):
+        a_k, m_k, masks_k = inputs
+        new_carry, (ys_k, _, _) = _run_variant_forward(
+            a_k, w_hh, w_hr, extras, rmask, *carry, m_k, masks_k, opts, unroll, precision
+        )
+        return new_carry, (ys_k, carry)
+
+    (h, c), (ys_c, starts) = jax.lax.scan(chunk_step, (h0, c0), (a_c, mask_c, masks_c))
+    ys = ys_c.reshape((-1,) + ys_c.shape[2:])[:steps]
+    return (ys, (h, c)), (args, ys, None, None, starts)
+
+
+def _time_chunks(a, n, chunk, steps):
+    pad = n * chunk - steps
+    a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+    return a.reshape((n, chunk) + a.shape[1:])
+
+
+def _variant_chunked(a, mask, masks, chunk):
+    """Pads time to a multiple of ``chunk`` with masked steps and splits it into chunks."""
+    steps, batch = a.shape[:2]
+    n = -(-steps // chunk)
+    if mask is None:
+        mask = jnp.ones((steps, batch), bool)
+
+    def split(v):
+        return None if v is None else _time_chunks(v, n, chunk, steps)
+
+    return split(a), split(mask), jax.tree_util.tree_map(split, masks), steps
+
+
+def _variant_recurrence_bwd(unroll, precision, chunk, opts, residuals, cotangents):
+    (w_hh, w_hr, extras, rmask, h0, c0, mask, masks, a), ys, saved, c_prev, starts = residuals
+    dys, (dh_T, dc_T) = cotangents
+    acc = c0.dtype
+    zero_extras = jax.tree_util.tree_map(jnp.zeros_like, extras)
+    carry = (dh_T.astype(acc), dc_T.astype(acc), zero_extras)
+    if starts is None:
+        (dh0, dc0, d_extras), (da, dhw, r, d_new) = _run_variant_backward(
+            w_hh, w_hr, extras, rmask, carry, dys, a, saved, c_prev, mask, masks, opts, unroll,
+            precision,
+        )
+        dhw = da if dhw is None else dhw
+        dw_hh, dw_hr = _variant_weight_grads(w_hh, w_hr, rmask, h0, ys, dhw, r, d_new, acc)
+    else:
+        a_c, mask_c, masks_c, steps = _variant_chunked(a, mask, masks, chunk)
+        n = a_c.shape[0]
+        zero_hr = None if w_hr is None else jnp.zeros(w_hr.shape, acc)
+
+        def chunk_step(carry, inputs):
+            grads, dw_hh_sum, dw_hr_sum = carry
+            a_k, m_k, masks_k, dys_k, (h_k, c_k) = inputs
+            _, (ys_k, saved_k, c_prev_k) = _run_variant_forward(
+                a_k, w_hh, w_hr, extras, rmask, h_k, c_k, m_k, masks_k, opts, unroll, precision
+            )
+            grads, (da_k, dhw_k, r_k, d_new_k) = _run_variant_backward(
+                w_hh, w_hr, extras, rmask, grads, dys_k, a_k, saved_k, c_prev_k, m_k, masks_k,
+                opts, unroll, precision,
+            )
+            dhw_k = da_k if dhw_k is None else dhw_k
+            dw_hh_k, dw_hr_k = _variant_weight_grads(
+                w_hh, w_hr, rmask, h_k, ys_k, dhw_k, r_k, d_new_k, acc
+            )
+            if w_hr is not None:
+                dw_hr_sum = dw_hr_sum + dw_hr_k
+            return (grads, dw_hh_sum + dw_hh_k, dw_hr_sum), da_k
+
+        init = (carry, jnp.zeros(w_hh.shape, acc), zero_hr)
+        ((dh0, dc0, d_extras), dw_hh, dw_hr), da_c = jax.lax.scan(
+            chunk_step, init, (a_c, mask_c, masks_c, _time_chunks(dys, n, chunk, steps), starts),
+            reverse=True,
+        )
+        da = da_c.reshape((-1,) + da_c.shape[2:])[:steps]
+    return (
+        da,
+        dw_hh.astype(w_hh.dtype),
+        None if w_hr is None else dw_hr.astype(w_hr.dtype),
+        d_extras,
+        dh0.astype(h0.dtype),
+        dc0.astype(c0.dtype),
+        None,
+        None,
+        jax.tree_util.tree_map(lambda _: None, masks),
+    )
+
+
+variant_recurrence.defvjp(_variant_recurrence_fwd, _variant_recurrence_bwd)
+
+
+def variant_recurrence_autodiff(unroll, precision, opts, a, w_hh, w_hr, extras, h0, c0, mask, rmask,
+                                masks):
+    """The variant loop differentiated by JAX's own autodiff (a reference for tests)."""
+    (h, c), (ys, _, _) = _run_variant_forward(
+        a, w_hh, w_hr, extras, rmask, h0, c0, mask, masks, opts, unroll, precision
+    )
     return ys, (h, c)
