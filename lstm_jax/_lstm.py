@@ -17,6 +17,7 @@ from lstm_jax._cell import (
     recurrent_mask,
 )
 from lstm_jax._params import LSTMParams, LSTMState
+from lstm_jax.kernels import choose_backend, cudnn_lstm, pallas_recurrence
 from lstm_jax._recurrence import (
     recurrence,
     recurrence_autodiff,
@@ -70,6 +71,24 @@ def _time_reverse(a: Array, index: Array | None) -> Array:
     return jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=0)
 
 
+def _between_layers(ys, layer, num_layers, dropout, key, dtype):
+    """Inter-layer dropout (as torch: every layer's output but the last, only with a key)."""
+    if dropout > 0.0 and key is not None and layer < num_layers - 1:
+        keep = jax.random.bernoulli(jax.random.fold_in(key, layer), 1.0 - dropout, ys.shape)
+        ys = jnp.where(keep, ys / (1.0 - dropout), jnp.zeros_like(ys)).astype(dtype)
+    return ys
+
+
+def _finish(y, h_n, c_n, out_dtype, unbatched, batch_first):
+    """Time-major results to the caller's layout and dtype."""
+    y, h_n, c_n = y.astype(out_dtype), h_n.astype(out_dtype), c_n.astype(out_dtype)
+    if unbatched:
+        return y[:, 0], LSTMState(h_n[:, 0], c_n[:, 0])
+    if batch_first:
+        y = jnp.swapaxes(y, 0, 1)
+    return y, LSTMState(h_n, c_n)
+
+
 def lstm(
     params: LSTMParams,
     x: Array,
@@ -89,6 +108,7 @@ def lstm(
     zoneout_c: float = 0.0,
     recurrent_dropout: float = 0.0,
     candidate_dropout: float = 0.0,
+    backend: str = "auto",
 ) -> tuple[Array, LSTMState]:
     """Runs a stacked, optionally bidirectional LSTM over a batch of sequences.
 
@@ -137,6 +157,14 @@ def lstm(
       candidate_dropout: dropout of the candidate ``g`` in ``c_t = f * c_{t-1} + i * g``
         (Semeniuta et al. 2016, "recurrent dropout without memory loss"): a fresh mask at
         each step; only with ``key``.
+
+      backend: ``"auto"``, ``"scan"``, ``"pallas"`` or ``"cudnn"``. ``"scan"`` is the
+        ``lax.scan`` loop (every platform, every option); ``"pallas"`` a persistent GPU
+        kernel holding ``w_hh`` on chip (small hidden sizes, no projection or variants);
+        ``"cudnn"`` ``jax.experimental.rnn`` (GPU, float32, no projection or variants).
+        ``"auto"`` picks per platform and shape from measurements recorded in
+        :mod:`lstm_jax.kernels.select`: always ``"scan"`` on CPU and TPU. An explicit
+        backend that cannot run the call raises a ValueError saying why.
 
       Peephole, layer-norm and CIFG LSTMs are told by ``params`` (see :func:`init_lstm`).
       Every variant keeps the fast path: the input product is hoisted and the backward pass
@@ -209,12 +237,24 @@ def lstm(
     opts = VariantOptions.create(
         cell_clip, zoneout_h, zoneout_c, recurrent_dropout, candidate_dropout
     )
-    if opts.active or not params.is_plain:
+    has_variants = opts.active or not params.is_plain
+    chosen = choose_backend(
+        backend, platform=jax.default_backend(), batch=B, hidden=H, proj=params.proj_size,
+        dtype=dtype, has_variants=has_variants, remat=remat,
+        dropout_active=dropout > 0.0 and key is not None and L > 1, custom_grad=custom_grad,
+    )
+    if chosen == "cudnn":
+        y, state = cudnn_lstm(params, x, LSTMState(h0, c0), seq_lengths=seq_lengths,
+                              batch_first=False, precision=precision)
+        return _finish(y, state.h, state.c, out_dtype, unbatched, batch_first)
+    if has_variants:
         return _variant_lstm(
             params, x, h0, c0, mask, reverse_index, opts, dropout, key, unroll, precision, remat,
             custom_grad, dtype, acc, out_dtype, unbatched, batch_first,
         )
-    if custom_grad:
+    if chosen == "pallas":
+        run = functools.partial(pallas_recurrence, precision=precision)
+    elif custom_grad:
         chunk = remat_chunk(T) if remat else 0
         run = functools.partial(recurrence, unroll, precision, chunk)
     else:
@@ -248,19 +288,10 @@ def lstm(
             ys = jnp.concatenate([ys2[0], _time_reverse(ys2[1], reverse_index)], axis=-1)
         h_n.append(h)
         c_n.append(c)
-        if dropout > 0.0 and key is not None and layer < L - 1:
-            keep = jax.random.bernoulli(jax.random.fold_in(key, layer), 1.0 - dropout, ys.shape)
-            ys = jnp.where(keep, ys / (1.0 - dropout), jnp.zeros_like(ys)).astype(dtype)
-        layer_input = ys
+        layer_input = _between_layers(ys, layer, L, dropout, key, dtype)
 
-    y = layer_input.astype(out_dtype)
-    h_n = jnp.concatenate(h_n).astype(out_dtype)
-    c_n = jnp.concatenate(c_n).astype(out_dtype)
-    if unbatched:
-        return y[:, 0], LSTMState(h_n[:, 0], c_n[:, 0])
-    if batch_first:
-        y = jnp.swapaxes(y, 0, 1)
-    return y, LSTMState(h_n, c_n)
+    return _finish(layer_input, jnp.concatenate(h_n), jnp.concatenate(c_n), out_dtype, unbatched,
+                   batch_first)
 
 
 def variant_masks(key, layer, opts, D, T, B, H, H_out, dtype):
@@ -323,16 +354,7 @@ def _variant_lstm(params, x, h0, c0, mask, reverse_index, opts, dropout, key, un
             ys = jnp.concatenate([ys2[0], _time_reverse(ys2[1], reverse_index)], axis=-1)
         h_n.append(h)
         c_n.append(c)
-        if dropout > 0.0 and key is not None and layer < L - 1:
-            keep = jax.random.bernoulli(jax.random.fold_in(key, layer), 1.0 - dropout, ys.shape)
-            ys = jnp.where(keep, ys / (1.0 - dropout), jnp.zeros_like(ys)).astype(dtype)
-        layer_input = ys
+        layer_input = _between_layers(ys, layer, L, dropout, key, dtype)
 
-    y = layer_input.astype(out_dtype)
-    h_n = jnp.concatenate(h_n).astype(out_dtype)
-    c_n = jnp.concatenate(c_n).astype(out_dtype)
-    if unbatched:
-        return y[:, 0], LSTMState(h_n[:, 0], c_n[:, 0])
-    if batch_first:
-        y = jnp.swapaxes(y, 0, 1)
-    return y, LSTMState(h_n, c_n)
+    return _finish(layer_input, jnp.concatenate(h_n), jnp.concatenate(c_n), out_dtype, unbatched,
+                   batch_first)

@@ -257,6 +257,9 @@ ERRORS = [
     (lambda p: init_lstm(jax.random.key(0), F, -2), "hidden_size"),
     (lambda p: init_lstm(jax.random.key(0), F, H, num_layers=0), "num_layers"),
     (lambda p: init_lstm(jax.random.key(0), F, H, init="xavier"), "init must be"),
+    (lambda p: lstm(p, jnp.ones((2, 3, F)), backend="fast"), "backend must be one of"),
+    (lambda p: lstm(p, jnp.ones((2, 3, F)), backend="cudnn"), 'backend="cudnn" cannot run'),
+    (lambda p: lstm(p, jnp.ones((2, 3, F)), backend="pallas"), 'backend="pallas" cannot run'),
 ]
 
 
