@@ -135,6 +135,10 @@ LSTM_JAX_VARIANTS = [
     Variant("lstm_jax", {}),
     Variant("lstm_jax-autodiff", {"custom_grad": False}),
     Variant("lstm_jax-bf16", {"compute_dtype": "bfloat16"}, gpu_only=True),
+    Variant("lstm_jax-scan", {"backend": "scan"}, gpu_only=True),
+    Variant("lstm_jax-pallas", {"backend": "pallas"}, gpu_only=True),
+    Variant("lstm_jax-pallas-bf16", {"backend": "pallas", "compute_dtype": "bfloat16"}, gpu_only=True),
+    Variant("lstm_jax-cudnn", {"backend": "cudnn"}, gpu_only=True),
 ]
 
 TORCH_HALF = ("torch-fp16", "torch-bf16")
