@@ -204,14 +204,19 @@ def test_lstm_cell_loop_equals_lstm(x64):
     p = params.layers[0][0]
     kw = dict(cell_clip=0.8, zoneout_h=0.2, zoneout_c=0.3, recurrent_dropout=0.3,
               candidate_dropout=0.2)
-    state = LSTMState(jnp.zeros((B, p.output_size)), jnp.zeros((B, H)))
-    ys = []
-    for t in range(T):
-        state, h = lstm_cell(p, state, x[:, t], **kw)
-        ys.append(h)
     single = params._replace(layers=params.layers[:1])
-    y, final = lstm(single, x, **kw)
-    np.testing.assert_allclose(jnp.stack(ys, 1), y, rtol=1e-13, atol=1e-14)
+
+    @jax.jit
+    def both(p, single, x):
+        state = LSTMState(jnp.zeros((B, p.output_size)), jnp.zeros((B, H)))
+        ys = []
+        for t in range(T):
+            state, h = lstm_cell(p, state, x[:, t], **kw)
+            ys.append(h)
+        return (jnp.stack(ys, 1), state), lstm(single, x, **kw)
+
+    (y_loop, state), (y, final) = both(p, single, x)
+    np.testing.assert_allclose(y_loop, y, rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(state.c, final.c[0], rtol=1e-13, atol=1e-14)
 
 
