@@ -124,11 +124,11 @@ class OptimConfig:
     """``getattr(optax, name)(learning_rate=schedule, **kwargs)``, clipped and decayed."""
 
     name: str = _f("adam", doc="any optax optimizer taking learning_rate: adam, adamw, sgd, ...")
-    lr: float = _f(1e-3, gt=0.0, doc="peak learning rate")
+    lr: float = _f(3e-3, gt=0.0, doc="peak learning rate")
     schedule: str = _f("constant", choices=("constant", "warmup_cosine"))
     warmup_steps: int = _f(0, ge=0, doc="warmup_cosine: linear warmup from 0")
     final_lr_fraction: float = _f(0.0, ge=0.0, le=1.0, doc="warmup_cosine: end lr = lr * this")
-    clip_norm: float = _f(0.0, ge=0.0, doc="clip gradients to this global norm; 0: off")
+    clip_norm: float = _f(1.0, ge=0.0, doc="clip gradients to this global norm; 0: off")
     weight_decay: float = _f(0.0, ge=0.0, doc="decoupled for optimizers that take it (adamw), "
                                               "else L2 added to the gradient; matrices only")
     kwargs: dict = _f({}, doc="extra keyword arguments of the optax optimizer")  # noqa: RUF009
@@ -138,10 +138,10 @@ class OptimConfig:
 class TrainConfig:
     """Loop length, batch, logging, evaluation and checkpoint cadence."""
 
-    steps: int = _f(2000, ge=1, doc="total optimizer steps (raise it to continue a finished run)")
+    steps: int = _f(1500, ge=1, doc="total optimizer steps (raise it to continue a finished run)")
     batch_size: int = _f(32, ge=1)
     log_every: int = _f(50, ge=1, doc="train metrics to metrics.jsonl, averaged over the interval")
-    eval_every: int = _f(500, ge=1)
+    eval_every: int = _f(250, ge=1)
     checkpoint_every: int = _f(500, ge=1)
     keep_checkpoints: int = _f(3, ge=1)
     time_limit: float = _f(0.0, ge=0.0, doc="minutes of training in this process; then "
