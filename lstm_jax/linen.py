@@ -50,7 +50,7 @@ class LSTM(nn.Module):
         initialisation, as :func:`lstm_jax.init_lstm`.
       cell_clip, zoneout_h, zoneout_c, recurrent_dropout, candidate_dropout: call-time
         variants, as :func:`lstm_jax.lstm`.
-      unroll, remat, precision: passed to :func:`lstm_jax.lstm`.
+      unroll, remat, precision, backend: passed to :func:`lstm_jax.lstm`.
       dtype: computation dtype (inputs are cast to it and outputs come back in it; the cell
         state stays float32); None keeps the input's dtype.
       param_dtype: dtype of the parameters.
@@ -87,6 +87,7 @@ class LSTM(nn.Module):
     unroll: int | None = None
     remat: bool = False
     precision: Any = None
+    backend: str = "auto"
     dtype: Any = None
     param_dtype: Any = jnp.float32
     deterministic: bool | None = None
@@ -140,9 +141,9 @@ class LSTM(nn.Module):
         return lstm(
             params, x, initial_state, seq_lengths=seq_lengths, batch_first=self.batch_first,
             dropout=self.dropout, key=key, unroll=self.unroll, precision=self.precision,
-            remat=self.remat, cell_clip=self.cell_clip, zoneout_h=self.zoneout_h,
-            zoneout_c=self.zoneout_c, recurrent_dropout=self.recurrent_dropout,
-            candidate_dropout=self.candidate_dropout,
+            remat=self.remat, backend=self.backend, cell_clip=self.cell_clip,
+            zoneout_h=self.zoneout_h, zoneout_c=self.zoneout_c,
+            recurrent_dropout=self.recurrent_dropout, candidate_dropout=self.candidate_dropout,
         )
 
 

@@ -58,7 +58,7 @@ class LSTM(nnx.Module):
       cell_clip, zoneout_h, zoneout_c, recurrent_dropout, candidate_dropout: call-time
         variants, as :func:`lstm_jax.lstm`; the random ones draw masks unless
         ``deterministic`` (zoneout then takes its expectation).
-      unroll, remat, precision: passed to :func:`lstm_jax.lstm`.
+      unroll, remat, precision, backend: passed to :func:`lstm_jax.lstm`.
       dtype: computation dtype (inputs are cast to it, outputs come back in it; the cell state
         stays float32); None keeps the input's dtype.
       param_dtype: dtype of the parameters.
@@ -96,6 +96,7 @@ class LSTM(nnx.Module):
         unroll: int | None = None,
         remat: bool = False,
         precision=None,
+        backend: str = "auto",
         dtype=None,
         param_dtype=jnp.float32,
         deterministic: bool = False,
@@ -110,8 +111,8 @@ class LSTM(nnx.Module):
         self._setup(params, rngs, batch_first=batch_first, dropout=dropout, cell_clip=cell_clip,
                     zoneout_h=zoneout_h, zoneout_c=zoneout_c,
                     recurrent_dropout=recurrent_dropout, candidate_dropout=candidate_dropout,
-                    unroll=unroll, remat=remat, precision=precision, dtype=dtype,
-                    deterministic=deterministic)
+                    unroll=unroll, remat=remat, precision=precision, backend=backend,
+                    dtype=dtype, deterministic=deterministic)
 
     def _setup(self, params: LSTMParams, rngs, **options):
         self.input_size = params.input_size
@@ -145,6 +146,7 @@ class LSTM(nnx.Module):
         unroll: int | None = None,
         remat: bool = False,
         precision=None,
+        backend: str = "auto",
         dtype=None,
         deterministic: bool = False,
         rngs: nnx.Rngs | None = None,
@@ -166,7 +168,7 @@ class LSTM(nnx.Module):
             dropout, params.bidirectional, proj_size=params.proj_size, cell_clip=cell_clip,
             zoneout_h=zoneout_h, zoneout_c=zoneout_c, recurrent_dropout=recurrent_dropout,
             candidate_dropout=candidate_dropout, unroll=unroll, remat=remat, precision=precision,
-            dtype=dtype, deterministic=deterministic,
+            backend=backend, dtype=dtype, deterministic=deterministic,
             rngs=rngs if rngs is not None else nnx.Rngs(0),
         )
         # The parameters' structure says which variants are on; the freshly drawn ones go.
@@ -190,6 +192,7 @@ class LSTM(nnx.Module):
             zoneout_h=self.zoneout_h, zoneout_c=self.zoneout_c,
             recurrent_dropout=self.recurrent_dropout, candidate_dropout=self.candidate_dropout,
             unroll=self.unroll, remat=self.remat, precision=self.precision,
+            backend=self.backend,
         )
 
     def __call__(
