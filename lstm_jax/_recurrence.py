@@ -97,17 +97,19 @@ def _run_backward(w_hh, w_hr, carry, dys, acts, c_prev, mask, unroll, precision)
     return jax.lax.scan(step, carry, (dys, acts, c_prev, mask), reverse=True, unroll=unroll)
 
 
-def _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc):
+def _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc, precision):
     """dW_hh and dW_hr as single products over all (t, b) of a span of steps."""
     # h_{t-1} is y_{t-1}: valid wherever dz is non-zero (masked steps have dz = 0).
     h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
-    dw_hh = jnp.einsum("tbk,tbg->kg", h_prev, dz.astype(h_prev.dtype), preferred_element_type=acc)
+    dw_hh = jnp.einsum("tbk,tbg->kg", h_prev, dz.astype(h_prev.dtype), precision=precision,
+                       preferred_element_type=acc)
     dw_hr = None
     if w_hr is not None:
         i, f, g, o = jnp.split(acts, 4, axis=-1)
         r = (o * jnp.tanh(f * c_prev + i * g)).astype(w_hr.dtype)
         dw_hr = jnp.einsum(
-            "tbh,tbk->hk", r, dh_total.astype(w_hr.dtype), preferred_element_type=acc
+            "tbh,tbk->hk", r, dh_total.astype(w_hr.dtype), precision=precision,
+            preferred_element_type=acc,
         )
     return dw_hh, dw_hr
 
@@ -162,7 +164,7 @@ def _recurrence_bwd(unroll, precision, chunk, residuals, cotangents):
         (dh0, dc0), (dz, dh_total) = _run_backward(
             w_hh, w_hr, carry, dys, acts, c_prev, mask, unroll, precision
         )
-        dw_hh, dw_hr = _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc)
+        dw_hh, dw_hr = _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc, precision)
     else:
         xw, starts = remat
         xw_c, mask_c, steps = _chunked(xw, mask, chunk)
@@ -185,7 +187,7 @@ def _recurrence_bwd(unroll, precision, chunk, residuals, cotangents):
                 w_hh, w_hr, (dh, dc), dys_k, acts_k, c_prev_k, m_k, unroll, precision
             )
             dw_hh_k, dw_hr_k = _weight_grads(
-                w_hh, w_hr, h_k, ys_k, acts_k, c_prev_k, dz_k, dh_total_k, acc
+                w_hh, w_hr, h_k, ys_k, acts_k, c_prev_k, dz_k, dh_total_k, acc, precision
             )
             if w_hr is not None:
                 dw_hr_sum = dw_hr_sum + dw_hr_k
@@ -313,16 +315,17 @@ def _run_variant_backward(w_hh, w_hr, extras, rmask, carry, dys, a, saved, c_pre
                         unroll=unroll)
 
 
-def _variant_weight_grads(w_hh, w_hr, rmask, h0, ys, dhw, r, d_new, acc):
+def _variant_weight_grads(w_hh, w_hr, rmask, h0, ys, dhw, r, d_new, acc, precision):
     """dW_hh and dW_hr as single products over all (t, b) of a span of steps."""
     h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
     if rmask is not None:
         h_prev = h_prev * rmask
-    dw_hh = jnp.einsum("tbk,tbg->kg", h_prev, dhw.astype(h_prev.dtype), preferred_element_type=acc)
+    dw_hh = jnp.einsum("tbk,tbg->kg", h_prev, dhw.astype(h_prev.dtype), precision=precision,
+                       preferred_element_type=acc)
     dw_hr = None
     if w_hr is not None:
         dw_hr = jnp.einsum(
-            "tbh,tbk->hk", r.astype(w_hr.dtype), d_new.astype(w_hr.dtype),
+            "tbh,tbk->hk", r.astype(w_hr.dtype), d_new.astype(w_hr.dtype), precision=precision,
             preferred_element_type=acc,
         )
     return dw_hh, dw_hr
@@ -397,7 +400,9 @@ def _variant_recurrence_bwd(unroll, precision, chunk, opts, residuals, cotangent
             precision,
         )
         dhw = da if dhw is None else dhw
-        dw_hh, dw_hr = _variant_weight_grads(w_hh, w_hr, rmask, h0, ys, dhw, r, d_new, acc)
+        dw_hh, dw_hr = _variant_weight_grads(
+            w_hh, w_hr, rmask, h0, ys, dhw, r, d_new, acc, precision
+        )
     else:
         a_c, mask_c, masks_c, steps = _variant_chunked(a, mask, masks, chunk)
         n = a_c.shape[0]
@@ -415,7 +420,7 @@ def _variant_recurrence_bwd(unroll, precision, chunk, opts, residuals, cotangent
             )
             dhw_k = da_k if dhw_k is None else dhw_k
             dw_hh_k, dw_hr_k = _variant_weight_grads(
-                w_hh, w_hr, rmask, h_k, ys_k, dhw_k, r_k, d_new_k, acc
+                w_hh, w_hr, rmask, h_k, ys_k, dhw_k, r_k, d_new_k, acc, precision
             )
             if w_hr is not None:
                 dw_hr_sum = dw_hr_sum + dw_hr_k

@@ -166,7 +166,7 @@ EOF
 
 # ----------------------------------------------------------------------------- 3. benchmark
 # shellcheck disable=SC2086  # the shape lists are meant to split
-part benchmark "$BENCH_TIMEOUT" python scripts/bench.py --shapes $BENCH_SHAPES \
+part benchmark "$BENCH_TIMEOUT" python scripts/bench.py --shapes $BENCH_SHAPES ${BENCH_IMPLS:+--impls "$BENCH_IMPLS"} \
   --repeats "$REPEATS" --warmup 1 --min-time 0.02 --max-seconds $((BENCH_TIMEOUT - 40)) --out "$OUT"
 
 # shellcheck disable=SC2086

@@ -89,10 +89,11 @@ def _cudnn_precision(precision):
     """Our ``precision`` as ``rnn.lstm`` takes it (it rejects DEFAULT, meaning bfloat16 there)."""
     if precision is None:
         return None
-    canon = jax.lax.canonicalize_precision(precision)
-    if canon is None:
-        return None
-    first = canon[0] if isinstance(canon, tuple) else canon
+    # jax.lax has no public canonicaliser in every version: accept what jnp.matmul accepts
+    # (a Precision, its name, or a pair of them).
+    first = precision[0] if isinstance(precision, (tuple, list)) else precision
+    if isinstance(first, str):
+        first = jax.lax.Precision(first)
     if first == jax.lax.Precision.DEFAULT:
         return None
     return jax.lax.Precision.HIGHEST if first == jax.lax.Precision.HIGHEST else (

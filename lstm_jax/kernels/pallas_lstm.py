@@ -336,7 +336,7 @@ def _pallas_core_bwd(config, residuals, cotangents):
     # One product over all (t, b): h_{t-1} is y_{t-1}, valid wherever dz is non-zero
     # (masked steps have dz = 0), exactly as the scan backend does it.
     h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
-    dw_hh = jnp.einsum("tbk,tbg->kg", h_prev, dz.astype(h_prev.dtype),
+    dw_hh = jnp.einsum("tbk,tbg->kg", h_prev, dz.astype(h_prev.dtype), precision=config[1],
                        preferred_element_type=jnp.float32)
     return (
         dz.astype(c0.dtype),  # xw has the accumulation dtype, as c0

@@ -21,18 +21,18 @@ BACKENDS = ("auto", "scan", "pallas", "cudnn")
 _NVIDIA = ("gpu", "cuda")
 
 # Forward+backward time of one layer relative to torch.nn.LSTM (cuDNN, float32) measured in
-# the same process on an H100, float32, keyed by (batch, steps, input_size, hidden).
-# Sources: issue #4's H100 table ("scan" is the hoisted scan with the custom backward at
-# unroll 8; "cudnn" is jax.experimental.rnn, measured at 0.83-1.04x of torch on every
-# shape but the tiny one, where it was 8x: 1.04 below is that upper bound) and
-# scripts/gpu_kernels.py, whose output (benchmarks/results/gpu_kernels.md) prints rows in
-# this format to paste here. Lower is faster.
+# the same process on an H100 (2026-11-26, jax 0.11.2, torch 2.11, each library's default
+# precision; benchmarks/results/nvidia-h100-80gb-hbm3.md from scripts/gpu_session.sh),
+# keyed by (batch, steps, input_size, hidden). "scan" is the lax.scan loop with the custom
+# backward at the default unroll, "pallas" the persistent kernel (bfloat16 at H=128, where
+# float32 does not fit on chip), "cudnn" jax.experimental.rnn. Lower is faster.
 MEASURED_GPU: dict[tuple[int, int, int, int], dict[str, float]] = {
-    (1, 500, 64, 64): {"scan": 2.94, "cudnn": 8.0},
-    (8, 1000, 128, 256): {"scan": 0.58, "cudnn": 1.04},
-    (64, 100, 256, 256): {"scan": 0.49, "cudnn": 1.04},
-    (32, 200, 512, 512): {"scan": 0.59, "cudnn": 1.04},
-    (256, 100, 1024, 1024): {"scan": 1.28, "cudnn": 1.04},
+    (1, 500, 64, 64): {"scan": 4.61, "pallas": 2.37, "cudnn": 15.33},
+    (16, 500, 128, 128): {"scan": 2.25, "pallas": 1.66, "cudnn": 7.21},
+    (8, 1000, 128, 256): {"scan": 0.35, "cudnn": 1.12},
+    (64, 100, 256, 256): {"scan": 0.38, "cudnn": 0.80},
+    (32, 200, 512, 512): {"scan": 0.35, "cudnn": 0.94},
+    (256, 100, 1024, 1024): {"scan": 0.91, "cudnn": 1.07},
 }
 
 
