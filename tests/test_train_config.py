@@ -87,8 +87,11 @@ def test_unknown_key_in_yaml_and_unreadable_files(tmp_path):
 def test_model_fields_route_to_the_core_by_signature():
     cfg = load_config(None, ["model.num_layers=2", "model.dropout=0.1", "model.unroll=2",
                              "model.lstm_kwargs.remat=true",
-                             "model.lstm_kwargs.compute_dtype=bfloat16"])
+                             "model.lstm_kwargs.compute_dtype=bfloat16", "model.peephole=true",
+                             "model.zoneout_h=0.1", "model.lstm_kwargs.chrono_t_max=50"])
     init_kw, call_kw = split_core_kwargs(cfg.model)
+    assert init_kw["peephole"] is True and init_kw["chrono_t_max"] == 50
+    assert call_kw["zoneout_h"] == 0.1 and "peephole" not in call_kw
     assert init_kw["num_layers"] == 2 and "dropout" not in init_kw
     assert call_kw["dropout"] == 0.1 and call_kw["unroll"] == 2 and call_kw["remat"] is True
     assert str(call_kw["compute_dtype"]) == "bfloat16"

@@ -102,6 +102,13 @@ class ModelConfig:
     forget_bias: float = _f(1.0, core=True)
     init: str = _f("default", core=True)
     dropout: float = _f(0.0, ge=0.0, lt=1.0, core=True, doc="between stacked LSTM layers")
+    peephole: bool = _f(False, core=True, doc="Gers & Schmidhuber 2000")
+    layer_norm: bool = _f(False, core=True, doc="Ba et al. 2016")
+    cifg: bool = _f(False, core=True, doc="coupled input and forget gates")
+    zoneout_h: float = _f(0.0, ge=0.0, lt=1.0, core=True, doc="Krueger et al. 2017")
+    zoneout_c: float = _f(0.0, ge=0.0, lt=1.0, core=True)
+    recurrent_dropout: float = _f(0.0, ge=0.0, lt=1.0, core=True, doc="Gal & Ghahramani 2016")
+    candidate_dropout: float = _f(0.0, ge=0.0, lt=1.0, core=True, doc="Semeniuta et al. 2016")
     unroll: int = _f(0, ge=0, doc="time steps unrolled per scan iteration; 0: core default")
     embed_dim: int = _f(0, ge=0, doc="tokens: embedding size (0: one-hot); "
                                      "features: input projection size (0: none)")

@@ -38,6 +38,11 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
     # The task's metrics first, then loss, then optimizer diagnostics.
     order = {k: i for i, k in enumerate(list(chance) + ["loss", "grad_norm", "lr"])}
     names.sort(key=lambda k: order.get(k, len(order)))
+    # A curve identical to one already drawn (adding's objective "loss" is its "mse") is skipped.
+    def same(k: str, j: str) -> bool:
+        return all(r[k] == r.get(j) for r in records if k in r)
+
+    names = [k for i, k in enumerate(names) if not any(same(k, j) for j in names[:i])]
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.3 * len(names)), sharex=True,
                              squeeze=False)
     for ax, name in zip(axes[:, 0], names):
@@ -51,6 +56,8 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
         if name in ("loss", "mse", "grad_norm", "bpc") and all(
                 r[name] > 0 for r in records if name in r):
             ax.set_yscale("log")
+        if name == "lr":
+            ax.set_ylim(bottom=0.0)
         ax.set_ylabel(name)
         ax.legend(loc="best", fontsize=8)
         ax.grid(alpha=0.3)
