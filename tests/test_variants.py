@@ -404,3 +404,20 @@ def test_variants_keep_dtypes_in_mixed_precision():
     y1, s1 = run(params, x[0])
     np.testing.assert_allclose(y1, ref[0], rtol=1e-6, atol=1e-6)
     assert s1.c.shape == (1, H)
+
+
+def test_variant_config_reaches_the_core():
+    """configs/copy_variant.yaml: model.lstm_kwargs go to init_lstm and lstm by name."""
+    from pathlib import Path
+
+    from lstm_jax.train.config import load_config
+    from lstm_jax.train.model import split_core_kwargs
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "copy_variant.yaml"
+    assert path.read_text().startswith("# lstm-jax train configs/copy_variant.yaml")
+    cfg = load_config(path, ["model.lstm_kwargs.layer_norm=true"])
+    init_kw, call_kw = split_core_kwargs(cfg.model)
+    assert init_kw["chrono_t_max"] == 120 and init_kw["peephole"] and init_kw["layer_norm"]
+    assert call_kw["zoneout_c"] == 0.1
+    params = init_lstm(jax.random.key(0), 9, 8, **init_kw)
+    assert params.peephole and params.layer_norm
