@@ -456,9 +456,10 @@ def bench_case(
 ) -> list[Result]:
     """Prepares every implementation for one shape and mode, then times them round robin.
 
-    With ``quiet`` (a fraction of the CPUs, e.g. 0.1) each round waits until other processes
-    use less than that, and a round during which they used more is timed again, for up to
-    ``max_wait`` seconds per case; after that rounds are kept whatever the load.
+    With ``quiet`` (a fraction of the CPUs, e.g. 0.15) each implementation's burst of calls
+    waits until other processes use less than that; a burst during which they used more is
+    set aside and timed again, until each implementation has ``repeats`` undisturbed bursts or
+    ``max_wait`` seconds have passed. Disturbed bursts count only if no burst was undisturbed.
     """
     prepared, results = {}, {}
     for impl in impls:
@@ -478,42 +479,51 @@ def bench_case(
                                          note=f"{type(e).__name__}: {_first_line(e)}", half=impl.half)
     order = list(prepared)
     deadline = time.perf_counter() + max_wait
-    busy_kept, rounds, discarded = [], 0, 0
-    while rounds < repeats and order:
-        if quiet is not None:
-            _wait_until_quiet(quiet, deadline)
-        start = _cpu_counters()
+    kept = {label: ([], []) for label in order}  # (call times, others' CPU per burst)
+    disturbed = {label: ([], []) for label in order}
+    r = 0
+
+    def wanting(label):
+        return len(kept[label][1]) < repeats
+
+    while order and (r < repeats or (quiet is not None and time.perf_counter() < deadline
+                                     and any(wanting(label) for label in order))):
         # Rotate the order so no implementation always follows the same neighbour.
-        k = (rounds + discarded) % len(order)
-        new = {}
+        k = r % len(order)
         for label in order[k:] + order[:k]:
+            if r >= repeats and not wanting(label):
+                continue
             p, inner, _ = prepared[label]
-            new[label] = []
+            if quiet is not None:
+                _wait_until_quiet(quiet, deadline, window=0.1)
+            start = _cpu_counters()
+            times = []
             for _ in range(inner):
                 # Each call timed on its own: the median then ignores the calls that another
-                # process on a shared machine stalled (which a mean over the sample would not).
+                # process on a shared machine stalled (which a mean would not).
                 t0 = time.perf_counter()
                 p.run()
-                new[label].append(time.perf_counter() - t0)
-        busy = _others_cpu(start, _cpu_counters())
-        if (quiet is not None and busy is not None and busy > quiet
-                and time.perf_counter() < deadline):
-            discarded += 1  # another process took the CPUs during this round: time it again
-            continue
-        rounds += 1
-        for label, times in new.items():
-            prepared[label][2].extend(times)
-        if busy is not None:
-            busy_kept.append(busy)
-    if discarded:
-        log(f"  {discarded} round(s) discarded: other processes busy")
-    others = statistics.mean(busy_kept) if busy_kept else None
+                times.append(time.perf_counter() - t0)
+            busy = _others_cpu(start, _cpu_counters())
+            clean = quiet is None or busy is None or busy <= quiet
+            pool = kept[label] if clean else disturbed[label]
+            pool[0].extend(times)
+            if busy is not None:
+                pool[1].append(busy)
+        r += 1
     for impl in impls:
         if impl.label in prepared:
-            p, _, samples = prepared[impl.label]
-            results[impl.label] = Result(
-                shape, mode, impl.label, 1e3 * statistics.median(samples), p.compile_s,
-                half=impl.half, others_cpu=others,
+            label = impl.label
+            times, busy = kept[label]
+            note = ""
+            if quiet is not None:
+                note = f"{len(busy)} undisturbed bursts of {len(busy) + len(disturbed[label][1])}"
+                if not times:  # never quiet: keep what there is, and say so
+                    times, busy = disturbed[label]
+                    note += " (none: disturbed timings kept)"
+            results[label] = Result(
+                shape, mode, label, 1e3 * statistics.median(times), prepared[label][0].compile_s,
+                note=note, half=impl.half, others_cpu=statistics.mean(busy) if busy else None,
             )
     return [results[impl.label] for impl in impls]
 
@@ -551,12 +561,13 @@ def ratio(row: Result, rows: list[Result]) -> float | None:
 
 
 DETAIL_HEADER = (
-    "| shape B,T,D,H | mode | impl | ms | vs torch | us/step | GFLOP | GFLOP/s | compile s |"
+    "| shape B,T,D,H | mode | impl | ms | vs torch | us/step | GFLOP | GFLOP/s | compile s "
+    "| others' CPU |"
 )
 
 
 def detail_table(results: list[Result]) -> str:
-    lines = [DETAIL_HEADER, "|" + "---|" * 9]
+    lines = [DETAIL_HEADER, "|" + "---|" * 10]
     for shape, mode, rows in _groups(results):
         for row in rows:
             rat = ratio(row, rows)
@@ -573,7 +584,8 @@ def detail_table(results: list[Result]) -> str:
             lines.append(
                 f"| {shape.label} | {_mode_label(mode)} | {row.impl} | {ms} | {rat_s} | {per_step} | "
                 f"{shape.flops(mode) / 1e9:.3g} | {gflops} | "
-                f"{'-' if row.compile_s is None else f'{row.compile_s:.2f}'} |"
+                f"{'-' if row.compile_s is None else f'{row.compile_s:.2f}'} | "
+                f"{'-' if row.others_cpu is None else f'{100 * row.others_cpu:.0f}%'} |"
             )
     return "\n".join(lines)
 
@@ -591,7 +603,8 @@ def summary_table(results: list[Result]) -> str:
         by = {r.impl: r for r in rows}
         torch_ms = by["torch"].ms if "torch" in by else None
         cells = [shape.label, _mode_label(mode), _fmt(torch_ms)]
-        busy = next((r.others_cpu for r in rows if r.others_cpu is not None), None)
+        shares = [r.others_cpu for r in rows if r.others_cpu is not None]
+        busy = statistics.mean(shares) if shares else None
         for lab in others:
             row = by.get(lab)
             if row is None or row.ms is None:
@@ -770,8 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float,
                    help="start no new shape after this many seconds (partial table kept)")
     p.add_argument("--quiet", type=float, metavar="FRACTION",
-                   help="on a shared machine: time a round only while other processes use at "
-                   "most this fraction of the CPUs (e.g. 0.1), and time again a round they disturbed")
+                   help="on a shared machine: time only while other processes use at most this "
+                   "fraction of the CPUs (e.g. 0.15), timing again bursts they disturbed")
     p.add_argument("--max-wait", type=float, default=600.0,
                    help="seconds per case to wait for --quiet before keeping disturbed rounds")
     p.add_argument("--notes", type=Path, help="a Markdown file appended to the results file")
@@ -804,13 +817,11 @@ def run_benchmarks(
             log(f"{shape.label} {_mode_label(mode)} (load {_load()})")
             case = bench_case(shape, mode, impls, repeats=repeats, warmup=warmup,
                               min_time=min_time, quiet=quiet, max_wait=max_wait, log=log)
-            busy = next((r.others_cpu for r in case if r.others_cpu is not None), None)
-            if busy is not None:
-                log(f"  other processes used {100 * busy:.0f}% of the CPUs while timing")
             for r in case:
                 if r.ms is not None:
                     comp = "" if r.compile_s is None else f", compile {r.compile_s:.2f} s"
-                    log(f"  {r.impl}: {r.ms:.3f} ms{comp}")
+                    busy = "" if r.others_cpu is None else f", others' CPU {100 * r.others_cpu:.0f}%"
+                    log(f"  {r.impl}: {r.ms:.3f} ms{comp}{busy}{', ' + r.note if r.note else ''}")
             results += case
             if on_case is not None:
                 on_case(results)
@@ -864,9 +875,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.quiet is not None:
         header.append(
-            f"- --quiet {args.quiet:g}: rounds timed while other processes used <= "
-            f"{100 * args.quiet:.0f}% of the CPUs; disturbed rounds timed again (up to "
-            f"{args.max_wait:.0f} s per case)"
+            f"- --quiet {args.quiet:g}: each implementation's burst of calls starts when other "
+            f"processes use <= {100 * args.quiet:.0f}% of the CPUs; a burst they disturbed "
+            f"(more than that) is timed again, for up to {args.max_wait:.0f} s per case, and only "
+            "undisturbed bursts count unless there were none"
         )
     notes = [args.notes.read_text()] if args.notes else []
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def test_bench_main_tiny(tmp_path, capsys):
 
     rows = _rows(_section(text, "## Details"))
     assert rows[0] == ["shape B,T,D,H", "mode", "impl", "ms", "vs torch", "us/step", "GFLOP",
-                       "GFLOP/s", "compile s"]
+                       "GFLOP/s", "compile s", "others' CPU"]
     assert set(rows[1]) == {"---"}
     table = {(r[1], r[2]): r for r in rows[2:]}
     impls = {impl for _, impl in table}
