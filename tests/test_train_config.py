@@ -116,6 +116,11 @@ def test_schedule_warmup_cosine():
     _, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1.0)
     assert float(schedule(60)) == pytest.approx(0.55) and float(schedule(110)) == pytest.approx(0.1)
+    # A longer cosine than the run: training ends part-way down it.
+    cfg = load_config(None, ["optim.schedule=warmup_cosine", "optim.warmup_steps=10",
+                             "train.steps=60", "optim.decay_steps=110", "optim.lr=1.0"])
+    _, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    assert float(schedule(60)) == pytest.approx(0.5)
 
 
 def test_resume_allows_only_cadence_changes(tmp_path):

@@ -27,8 +27,8 @@ def _remove_partial_saves(directory: str) -> None:
     """Delete the temporary directories of saves that never finished (a killed process).
 
     Orbax writes ``<step>.orbax-checkpoint-tmp...`` and renames it to ``<step>`` when complete, so
-    these are never valid checkpoints. (With several processes only one should do this; the
-    trainer is single-process today.)
+    these are never valid checkpoints. With several processes only process 0 does this, and the
+    others wait for it (see :class:`Checkpointer`).
     """
     if not os.path.isdir(directory):
         return
@@ -42,7 +42,12 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
         self.directory = os.path.abspath(directory)
-        _remove_partial_saves(self.directory)
+        if jax.process_index() == 0:
+            _remove_partial_saves(self.directory)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("lstm_jax: checkpoint dir cleaned")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
@@ -72,9 +77,14 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
-        """Read step ``step`` into the structure, shapes and dtypes of ``like``."""
+        """Read step ``step`` into the structure, shapes, dtypes and shardings of ``like``.
+
+        The shardings may differ from the saved ones (a checkpoint written on 8 devices restores
+        on 1 and vice versa): each process reads the parts of each array its devices hold.
+        """
         abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, "shape") else a, like)
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None))
+            if hasattr(a, "shape") else a, like)
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return out.state, dict(out.meta)

@@ -29,6 +29,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DistributedConfig",
+    "MeshConfig",
     "ModelConfig",
     "OptimConfig",
     "TaskConfig",
@@ -135,6 +137,8 @@ class OptimConfig:
     schedule: str = _f("constant", choices=("constant", "warmup_cosine"))
     warmup_steps: int = _f(0, ge=0, doc="warmup_cosine: linear warmup from 0")
     final_lr_fraction: float = _f(0.0, ge=0.0, le=1.0, doc="warmup_cosine: end lr = lr * this")
+    decay_steps: int = _f(0, ge=0, doc="warmup_cosine: length of the cosine; 0: train.steps "
+                                       "(longer: the run ends part-way down the curve)")
     clip_norm: float = _f(1.0, ge=0.0, doc="clip gradients to this global norm; 0: off")
     weight_decay: float = _f(0.0, ge=0.0, doc="decoupled for optimizers that take it (adamw), "
                                               "else L2 added to the gradient; matrices only")
@@ -157,6 +161,34 @@ class TrainConfig:
 
 
 @dataclass
+class MeshConfig:
+    """Data parallelism: the global ``train.batch_size`` is split over a ``data`` axis of devices.
+
+    Parameters and optimizer state are replicated; the numbers do not depend on the device count
+    (up to the order of float32 sums). See ``lstm_jax.train.distributed``.
+    """
+
+    data: int = _f(0, ge=0, doc="devices on the data axis; 0: all devices of all processes")
+
+
+@dataclass
+class DistributedConfig:
+    """Several processes (hosts) forming one JAX runtime with ``jax.distributed.initialize``.
+
+    Nothing here is set by default: one process, no initialization. A ``coordinator_address``
+    (or ``initialize: true``) joins the processes; keys left unset are read by JAX from the
+    environment (TPU pods, SLURM, Open MPI). Not part of a run's identity: a run may resume
+    with another process count.
+    """
+
+    initialize: bool = _f(False, doc="call jax.distributed.initialize() even without an "
+                                     "address (the cluster environment supplies it)")
+    coordinator_address: str = _f("", doc="host:port of process 0, e.g. 10.0.0.1:1234")
+    num_processes: int = _f(0, ge=0, doc="0: from the environment")
+    process_id: int = _f(-1, ge=-1, doc="this process's index; -1: from the environment")
+
+
+@dataclass
 class Config:
     """A whole training run. ``seed`` fixes the initialization, the data order and dropout."""
 
@@ -166,6 +198,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,10 +320,19 @@ def _check_cross(cfg: Config) -> None:
     if cfg.model.proj_size and cfg.model.proj_size >= cfg.model.hidden_size:
         raise ConfigError(f"model.proj_size: must be < model.hidden_size "
                           f"({cfg.model.hidden_size}), got {cfg.model.proj_size}")
-    if (cfg.optim.schedule == "warmup_cosine"
-            and cfg.optim.warmup_steps >= cfg.train.steps):
-        raise ConfigError(f"optim.warmup_steps: must be < train.steps ({cfg.train.steps}), "
+    horizon = cfg.optim.decay_steps or cfg.train.steps
+    if cfg.optim.schedule == "warmup_cosine" and cfg.optim.warmup_steps >= horizon:
+        raise ConfigError(f"optim.warmup_steps: must be < the cosine's length ({horizon}), "
                           f"got {cfg.optim.warmup_steps}")
+    dist = cfg.distributed
+    if (dist.num_processes or dist.process_id >= 0) and not (dist.coordinator_address
+                                                             or dist.initialize):
+        key = "num_processes" if dist.num_processes else "process_id"
+        raise ConfigError(f"distributed.{key}: set distributed.coordinator_address (or "
+                          f"distributed.initialize=true) to start a multi-process run")
+    if dist.num_processes and dist.process_id >= dist.num_processes:
+        raise ConfigError(f"distributed.process_id: must be < distributed.num_processes "
+                          f"({dist.num_processes}), got {dist.process_id}")
 
 
 # ----------------------------------------------------------------------------------------------

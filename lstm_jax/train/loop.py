@@ -26,6 +26,7 @@ import numpy as np
 import optax
 import yaml
 
+from lstm_jax.train import distributed as dist
 from lstm_jax.train.checkpoint import Checkpointer
 from lstm_jax.train.config import (
     Config,
@@ -68,11 +69,11 @@ def _optax_optimizers() -> list[str]:
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """``constant``: linear warmup over ``warmup_steps`` (if any), then ``lr``.
     ``warmup_cosine``: linear warmup to ``lr``, cosine decay to ``lr * final_lr_fraction`` at
-    ``total_steps``."""
+    ``decay_steps`` (default ``total_steps``)."""
     if cfg.schedule == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-            decay_steps=total_steps, end_value=cfg.lr * cfg.final_lr_fraction)
+            decay_steps=cfg.decay_steps or total_steps, end_value=cfg.lr * cfg.final_lr_fraction)
     if cfg.warmup_steps:
         return optax.join_schedules(
             [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
@@ -155,13 +156,15 @@ class Trainer:
     It computes the loss and gradient, applies the optimizer, and, if the loss or the gradient
     norm is not finite, returns the input state unchanged with ``metrics["finite"] = False`` (so
     the caller always holds a good state). ``make_batch(step) -> batch`` is jitted apart from it,
-    so a data-parallel trainer can shard the batch between the two.
+    its rows split over the ``data`` mesh axis of ``self.dp`` (see :mod:`.distributed`); the
+    state is replicated but for the carried LSTM state, split along its batch axis.
     """
 
     def __init__(self, cfg: Config, task: Task | None = None):
         self.cfg = cfg
+        self.dp = dist.DataParallel(cfg.mesh, cfg.train.batch_size)
         self.task = task if task is not None else make_task(cfg)
-        self.model: Model = make_model(cfg.model, self.task)
+        self.model: Model = make_model(self.dp.model_config(cfg.model), self.task)
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
         root = jax.random.PRNGKey(cfg.seed)
         self._init_key = jax.random.fold_in(root, 0)
@@ -169,20 +172,37 @@ class Trainer:
         self.batch_size = cfg.train.batch_size
         self.metric_names = ("loss",) + tuple(m for m in self.task.metrics if m != "loss") + (
             "grad_norm",)
-        self.train_step = jax.jit(self._train_step, donate_argnums=0)
-        self.make_batch = jax.jit(lambda step: self.task.train_batch(step, self.batch_size))
-        self._eval_step = jax.jit(self._eval_step_impl)
-        self._reset_sums = jax.jit(self._reset_sums_impl, donate_argnums=0)
-        self._init = jax.jit(self._init_impl)
+        # Every jitted function names its output shardings, so a state made by init_state, by a
+        # step or by a restore is laid out the same way and no step compiles twice.
+        abstract = jax.eval_shape(self._init_impl)
+        self.state_sharding = self.dp.state_sharding(abstract)
+        self._abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+            self.state_sharding)
+        carry_sharding = self.dp.carry_sharding(abstract.carry)
+        replicated = self.dp.replicated
+        batch = jax.eval_shape(lambda step: self.task.train_batch(step, self.batch_size),
+                               jax.ShapeDtypeStruct((), jnp.int32))
+        self.batch_sharding = self.dp.batch_sharding(batch)
+        self.train_step = jax.jit(self._train_step, donate_argnums=0,
+                                  out_shardings=(self.state_sharding, replicated))
+        self.make_batch = jax.jit(lambda step: self.task.train_batch(step, self.batch_size),
+                                  out_shardings=self.batch_sharding)
+        self._eval_step = jax.jit(self._eval_step_impl,
+                                  out_shardings=(carry_sharding, replicated, replicated))
+        self._reset_sums = jax.jit(self._reset_sums_impl, donate_argnums=0,
+                                   out_shardings=self.state_sharding)
+        self._init = jax.jit(self._init_impl, out_shardings=self.state_sharding)
+        self._zero_carry = jax.jit(
+            lambda: self.model.zero_state(self.batch_size) if self.task.stateful else (),
+            out_shardings=carry_sharding)
         self._eval_data: list[dict[str, Any]] | None = None
 
     # -- state -----------------------------------------------------------------------------------
 
     def init_state(self) -> TrainState:
         """Step 0: fresh parameters from the seed, optimizer state, zero carry and sums."""
-        # Committed to the device, as a restored checkpoint's arrays are: jit's cache tells the
-        # two apart, and a resumed run must not compile its step again.
-        return jax.device_put(self._init(), jax.devices()[0])
+        return self._init()
 
     def _init_impl(self) -> TrainState:
         params = self.model.init(self._init_key)
@@ -193,8 +213,8 @@ class Trainer:
                           metric_count=jnp.zeros((), jnp.int32))
 
     def abstract_state(self) -> TrainState:
-        """Shapes and dtypes of the state, without computing it (for restoring)."""
-        return jax.eval_shape(self._init)
+        """Shapes, dtypes and shardings of the state, without computing it (for restoring)."""
+        return self._abstract
 
     # -- step ------------------------------------------------------------------------------------
 
@@ -250,18 +270,19 @@ class Trainer:
     def evaluate(self, params: Any) -> dict[str, float]:
         """The task's metrics on its whole evaluation set (weighted means over examples)."""
         if self._eval_data is None:
-            self._eval_data = self.task.eval_batches(self.batch_size)
-        carry = self.model.zero_state(self.batch_size) if self.task.stateful else ()
-        carry = jax.device_put(carry, jax.devices()[0])  # committed like its successors
-        totals: dict[str, Any] = {}
-        weight = 0.0
+            self._eval_data = [self.dp.put(b, self.dp.batch_sharding(b))
+                               for b in self.task.eval_batches(self.batch_size)]
+        carry = self._zero_carry()
+        outs = []
         for batch in self._eval_data:
             carry, metrics, w = self._eval_step(params, carry, batch)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v * w
-            weight = weight + w
-        totals, weight = jax.device_get((totals, weight))
-        return {k: float(totals[k]) / float(weight) for k in self.task.metrics}
+            outs.append((metrics, w))
+        # Summed on the host: replicated values read locally, with no collective outside a jit
+        # (eager arithmetic on arrays spanning processes is not something every process joins).
+        outs = jax.device_get(outs)
+        weight = sum(float(w) for _, w in outs)
+        return {k: sum(float(m[k]) * float(w) for m, w in outs) / weight
+                for k in self.task.metrics}
 
 
 _TRAINERS: OrderedDict[str, Trainer] = OrderedDict()
@@ -318,6 +339,8 @@ def check_resume_compatible(saved: dict[str, Any], cfg: Config) -> None:
     """Raise ConfigError if ``cfg`` differs from a run's saved config beyond ``train.*`` cadence."""
     new = config_to_dict(cfg)
     for section, values in new.items():
+        if section in ("mesh", "distributed"):
+            continue  # how the run is spread over devices, not what it computes
         old_values = saved.get(section)
         if not isinstance(values, dict):
             if old_values != values:
@@ -391,13 +414,24 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, *, stop_at: int | None 
     is saved then, so the last good checkpoint stays the newest) and :class:`ConfigError` if the
     run dir holds a run with an incompatible config.
     """
+    dist.initialize(cfg.distributed)  # before anything touches a device
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    try:
+        return _train(cfg, workdir, ckpt, stop_at, quiet)
+    finally:
+        ckpt.close()
+
+
+def _train(cfg: Config, workdir: Path, ckpt: Checkpointer, stop_at: int | None,
+           quiet: bool) -> TrainResult:
+    lead = dist.is_lead()  # process 0 writes the files and messages; all run the same steps
+
     def say(text: str) -> None:
-        if not quiet:
+        if not quiet and lead:
             bar.message(text)
 
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None and (workdir / "config.yaml").exists():
         saved = yaml.safe_load((workdir / "config.yaml").read_text(encoding="utf-8"))
@@ -405,9 +439,11 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, *, stop_at: int | None 
 
     trainer = get_trainer(cfg)
     task = trainer.task
-    dump_config(cfg, workdir / "config.yaml")
-    (workdir / "task.json").write_text(json.dumps(task.info(), indent=1), encoding="utf-8")
-    log = MetricsLog(workdir / "metrics.jsonl")
+    log: MetricsLog | _NoLog = _NoLog()
+    if lead:
+        dump_config(dist.record_config(cfg), workdir / "config.yaml")
+        (workdir / "task.json").write_text(json.dumps(task.info(), indent=1), encoding="utf-8")
+        log = MetricsLog(workdir / "metrics.jsonl")
 
     elapsed_before = 0.0
     if latest is not None:
@@ -420,12 +456,14 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, *, stop_at: int | None 
     step = int(state.step)
     total = cfg.train.steps
 
-    bar = ProgressBar(total, step, enabled=cfg.train.progress and not quiet,
+    bar = ProgressBar(total, step, enabled=cfg.train.progress and not quiet and lead,
                       every=cfg.train.log_every)
     say(f"task {task.name}: {', '.join(task.metrics)}; chance "
         f"{_fmt(task.chance, {})} ({task.chance_note})")
     say(f"model: {_count_params(state.params):,} parameters; optimizer {cfg.optim.name}, "
         f"lr {cfg.optim.lr:g} ({cfg.optim.schedule})")
+    if trainer.dp.size > 1 or jax.process_count() > 1:
+        say(trainer.dp.describe())
     if latest is not None:
         say(f"resuming from step {latest} ({ckpt.directory}/{latest})")
     if step >= total:
@@ -440,7 +478,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, *, stop_at: int | None 
 
     def meta() -> dict[str, Any]:
         m = {"step": step, "elapsed": elapsed_before + time.perf_counter() - t_start,
-             "seed": cfg.seed}
+             "seed": cfg.seed, "devices": trainer.dp.size, "processes": jax.process_count()}
         if hasattr(task, "position"):
             m["data_position"] = task.position(step)
         return m
@@ -491,13 +529,17 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, *, stop_at: int | None 
                 # implies the log is complete up to s.
                 if step % cfg.train.checkpoint_every == 0 or step == total:
                     ckpt.save(step, state, meta())
-                if signals.signum is not None:
-                    status, signum = "interrupted", signals.signum
+                # Decided together: a process leaving alone would hang the others' next step.
+                sig, stop, out_of_time = dist.agree([
+                    signals.signum or 0, int(stop_at is not None and step >= stop_at),
+                    int(bool(time_limit) and time.perf_counter() - t_start >= time_limit)])
+                if sig:
+                    status, signum = "interrupted", sig
                     break
-                if stop_at is not None and step >= stop_at:
+                if stop:
                     status = "interrupted"
                     break
-                if time_limit and time.perf_counter() - t_start >= time_limit:
+                if out_of_time:
                     status = "time_limit"
                     break
         bar.close()
@@ -516,8 +558,17 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, *, stop_at: int | None 
                 f"{_fmt(last_eval, task.chance)}")
     finally:
         bar.close()
-        ckpt.close()
     return TrainResult(status, step, last_eval, str(workdir), signum)
+
+
+class _NoLog:
+    """metrics.jsonl in the processes other than 0: nothing is written."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
 
 
 def format_time(seconds: float) -> str:
@@ -530,8 +581,9 @@ def format_time(seconds: float) -> str:
 
 def restore_run(workdir: str | Path, step: int | None = None
                 ) -> tuple[Config, Trainer, TrainState, int]:
-    """Config, trainer and state of a run dir's newest checkpoint (or of ``step``)."""
-    cfg = read_run_config(workdir)
+    """Config, trainer and state of a run dir's newest checkpoint (or of ``step``), on as many
+    of this machine's devices as split the run's batch."""
+    cfg = dist.mesh_for_here(read_run_config(workdir))
     ckpt = Checkpointer(Path(workdir) / "checkpoints", keep=cfg.train.keep_checkpoints)
     try:
         step = ckpt.latest_step() if step is None else step
