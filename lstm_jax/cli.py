@@ -78,8 +78,15 @@ def _train(args) -> int:
     if args.workdir and config_path is None and (Path(args.workdir) / "config.yaml").exists():
         base = read_yaml(Path(args.workdir) / "config.yaml")  # resuming: the run's own config
     cfg = load_config(config_path, overrides, base=base)
+    if not args.workdir and (cfg.distributed.coordinator_address or cfg.distributed.initialize):
+        raise ConfigError("--workdir: a multi-process run needs one run dir that every process "
+                          "names, on a filesystem they share")
+    from lstm_jax.train import distributed
+
+    distributed.initialize(cfg.distributed)  # first, so that only process 0 speaks
     workdir = Path(args.workdir) if args.workdir else _default_workdir(cfg.task.name)
-    print(f"run dir: {workdir}", flush=True)
+    if distributed.is_lead():
+        print(f"run dir: {workdir}", flush=True)
     result = train_and_evaluate(cfg, workdir)
     if result.status == "interrupted" and result.signal:
         return 128 + result.signal
