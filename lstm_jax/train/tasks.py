@@ -104,7 +104,23 @@ def _pad_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[Batch]:
 # Adding problem
 # ----------------------------------------------------------------------------------------------
 
-class AddingTask(Task):
+class _SyntheticTask(Task):
+    """A task whose examples are drawn from a key: ``_examples(key, n) -> (x, y)``.
+
+    Training batch ``step`` is drawn from ``fold_in(train_key, step)``, so the data of a step
+    never depends on what ran before it (exact resume); the test set is one fixed draw.
+    """
+
+    def train_batch(self, step, batch_size):
+        x, y = self._examples(jax.random.fold_in(self._train_key, step), batch_size)
+        return {"x": x, "y": y, "weight": jnp.ones((batch_size,), jnp.float32)}
+
+    def eval_batches(self, batch_size):
+        x, y = jax.jit(self._examples, static_argnums=1)(self._eval_key, self.eval_size)
+        return _pad_batches({"x": np.asarray(x), "y": np.asarray(y)}, batch_size)
+
+
+class AddingTask(_SyntheticTask):
     """The adding problem (Hochreiter & Schmidhuber 1997).
 
     Each step carries a value in [0, 1) and a marker; exactly two steps are marked, one in each
@@ -141,14 +157,6 @@ class AddingTask(Task):
         y = jnp.sum(values * marks, axis=1)
         return x, y
 
-    def train_batch(self, step, batch_size):
-        x, y = self._examples(jax.random.fold_in(self._train_key, step), batch_size)
-        return {"x": x, "y": y, "weight": jnp.ones((batch_size,), jnp.float32)}
-
-    def eval_batches(self, batch_size):
-        x, y = jax.jit(self._examples, static_argnums=1)(self._eval_key, self.eval_size)
-        return _pad_batches({"x": np.asarray(x), "y": np.asarray(y)}, batch_size)
-
     def loss(self, out, batch):
         err = (out[:, 0] - batch["y"]) ** 2
         mse = _weighted_mean(err, batch["weight"])
@@ -159,7 +167,7 @@ class AddingTask(Task):
 # Copy memory
 # ----------------------------------------------------------------------------------------------
 
-class CopyTask(Task):
+class CopyTask(_SyntheticTask):
     """The copy-memory task (Arjovsky, Shah & Bengio 2016).
 
     Input tokens: ``copy_length`` symbols from 1..K, ``delay - 1`` blanks (0), a recall marker
@@ -194,14 +202,6 @@ class CopyTask(Task):
         tail = jnp.zeros((n_examples, self.n), jnp.int32)
         x = jnp.concatenate([symbols + 1, blanks, marker, tail], axis=1)
         return x, symbols
-
-    def train_batch(self, step, batch_size):
-        x, y = self._examples(jax.random.fold_in(self._train_key, step), batch_size)
-        return {"x": x, "y": y, "weight": jnp.ones((batch_size,), jnp.float32)}
-
-    def eval_batches(self, batch_size):
-        x, y = jax.jit(self._examples, static_argnums=1)(self._eval_key, self.eval_size)
-        return _pad_batches({"x": np.asarray(x), "y": np.asarray(y)}, batch_size)
 
     def loss(self, out, batch):
         logits = out[:, -self.n:, :].astype(jnp.float32)  # (B, n, K): the recall window
