@@ -37,7 +37,14 @@ def _k(H, dtype=jnp.float32):
     return jnp.concatenate([jnp.full((2 * H,), 0.5), jnp.ones((H,)), jnp.full((H,), 0.5)]).astype(dtype)
 
 
-def make_layer(kind: str, unroll: int, transpose_whh: bool = False):
+def _mm(a, w, reduce):
+    """a @ w, or (for tiny batches) a broadcast multiply and sum: no library call, no packing."""
+    if not reduce:
+        return a @ w
+    return jnp.sum(a[:, :, None] * w[None], axis=1)
+
+
+def make_layer(kind: str, unroll: int, transpose_whh: bool = False, reduce: bool = False):
     """Returns layer(xw: (T,B,4H), w_hh: (H,4H)) -> ys (T,B,H) with a custom VJP.
 
     kind:
@@ -49,7 +56,7 @@ def make_layer(kind: str, unroll: int, transpose_whh: bool = False):
 
     def fwd_step(w_hh, k, carry, xw_t):
         h, c = carry
-        z = xw_t + h @ w_hh
+        z = xw_t + _mm(h, w_hh, reduce)
         if kind == "tanh1":
             acts = k * jnp.tanh(k * z) + (1.0 - k)
             i, f, g, o = jnp.split(acts, 4, axis=-1)
@@ -94,7 +101,7 @@ def make_layer(kind: str, unroll: int, transpose_whh: bool = False):
             dz = jnp.concatenate(
                 [dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
                  dh * tanh_c * o * (1 - o)], axis=-1)
-        dh_prev = dz @ w_t if transpose_whh else dz @ w_t.T
+        dh_prev = _mm(dz, w_t, reduce) if transpose_whh else dz @ w_t.T
         return (dh_prev, dc * f), dz
 
     def layer_bwd(res, dys):
@@ -113,8 +120,76 @@ def make_layer(kind: str, unroll: int, transpose_whh: bool = False):
     return layer
 
 
-def make_model(kind, unroll, transpose_whh=False):
-    layer = make_layer(kind, unroll, transpose_whh)
+def make_layer_fm(unroll: int, tanh1: bool = False):
+    """Feature-major: state (H, B), z^T = W_hh^T @ h^T, so the weight is the dot's LHS (a GEMM
+    library packs its RHS operand per call: here that is the small (H, B) state, not the weight).
+    Gate slices are contiguous row blocks. layer(xwT: (T, 4H, B), w_hh) -> ys (T, H, B)."""
+
+    def acts_of(z):
+        H4 = z.shape[0]
+        if tanh1:
+            k = _k(H4 // 4)[:, None]
+            return k * jnp.tanh(k * z) + (1.0 - k)
+        H = H4 // 4
+        return jnp.concatenate([jax.nn.sigmoid(z[:2 * H]), jnp.tanh(z[2 * H:3 * H]),
+                                jax.nn.sigmoid(z[3 * H:])])
+
+    def fwd_step(w_t, carry, xw_t):
+        h, c = carry
+        acts = acts_of(xw_t + w_t @ h)
+        i, f, g, o = jnp.split(acts, 4, axis=0)
+        c_new = f * c + i * g
+        h_new = o * jnp.tanh(c_new)
+        return (h_new, c_new), (h_new, acts, c)
+
+    def run_fwd(xw, w_hh):
+        H, B = w_hh.shape[0], xw.shape[2]
+        z0 = jnp.zeros((H, B), xw.dtype)
+        return jax.lax.scan(functools.partial(fwd_step, w_hh.T), (z0, z0), xw, unroll=unroll)
+
+    @jax.custom_vjp
+    def layer(xw, w_hh):
+        return run_fwd(xw, w_hh)[1][0]
+
+    def layer_fwd(xw, w_hh):
+        _, (ys, acts, c_prev) = run_fwd(xw, w_hh)
+        return ys, (w_hh, ys, acts, c_prev)
+
+    def bwd_step(w_hh, carry, inputs):
+        dh, dc = carry
+        dy, acts, c_prev = inputs
+        i, f, g, o = jnp.split(acts, 4, axis=0)
+        dh = dh + dy
+        tanh_c = jnp.tanh(f * c_prev + i * g)
+        dc = dc + dh * o * (1.0 - tanh_c * tanh_c)
+        dz = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f),
+                              dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=0)
+        return (w_hh @ dz, dc * f), dz
+
+    def layer_bwd(res, dys):
+        w_hh, ys, acts, c_prev = res
+        zero = jnp.zeros(ys.shape[1:], ys.dtype)
+        _, dz = jax.lax.scan(functools.partial(bwd_step, w_hh), (zero, zero), (dys, acts, c_prev),
+                             reverse=True, unroll=unroll)
+        h_prev = jnp.concatenate([zero[None], ys[:-1]])
+        return dz, jnp.einsum("thb,tgb->hg", h_prev, dz)
+
+    layer.defvjp(layer_fwd, layer_bwd)
+    return layer
+
+
+def make_model_fm(unroll, tanh1=False):
+    layer = make_layer_fm(unroll, tanh1)
+
+    def model(p, x):  # x: (B, T, D)
+        xw = jnp.einsum("btd,dg->tgb", x, p.w_ih) + p.b[:, None]
+        return jnp.transpose(layer(xw, p.w_hh), (2, 0, 1))
+
+    return model
+
+
+def make_model(kind, unroll, transpose_whh=False, reduce=False):
+    layer = make_layer(kind, unroll, transpose_whh, reduce)
 
     def model(p, x):  # x: (B, T, D)
         xw = jnp.einsum("btd,dg->tbg", x, p.w_ih) + p.b
@@ -124,6 +199,8 @@ def make_model(kind, unroll, transpose_whh=False):
 
 
 # ----------------------------------------------------------------------------- timing
+
+KINDS = [k for k in os.environ.get("KINDS", "acts,tanh1,z").split(",") if k]
 
 
 def main(argv):
@@ -146,9 +223,14 @@ def main(argv):
         for u in unrolls:
             cands[f"lstm_jax u={u}"] = lambda p_, x_, u=u: lstm_jax.lstm(
                 lstm_jax.LSTMParams(((p_,),)), x_, unroll=u)[0]
-            for kind in ("acts", "tanh1", "z"):
+            for kind in KINDS:
                 cands[f"{kind} u={u}"] = make_model(kind, u)
             cands[f"acts+wT u={u}"] = make_model("acts", u, transpose_whh=True)
+            cands[f"tanh1+wT u={u}"] = make_model("tanh1", u, transpose_whh=True)
+            cands[f"fm u={u}"] = make_model_fm(u)
+            cands[f"fm+tanh1 u={u}"] = make_model_fm(u, tanh1=True)
+            if B <= 8:
+                cands[f"acts+wT+reduce u={u}"] = make_model("acts", u, True, reduce=True)
         want = None
         runs = {}
         for name, f in cands.items():
