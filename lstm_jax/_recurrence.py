@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from lstm_jax._cell import (
     cell_update,
-    gate_activations,
+    cell_update_grad,
     matmul,
     project,
     variant_step,
@@ -46,10 +46,9 @@ def _forward_step(w_hh, w_hr, precision, save, carry, inputs):
     xw_t, m_t = inputs
     acc = c.dtype
     z = xw_t + matmul(h, w_hh, acc, precision)
-    c_new, r = cell_update(z, c)
+    c_new, r, acts = cell_update(z, c)
     h_new = project(r, w_hr, h.dtype, acc, precision)
-    acts = jnp.concatenate(gate_activations(z), axis=-1) if save else None
-    c_saved = c if save else None
+    acts, c_saved = (acts, c) if save else (None, None)
     if m_t is None:
         return (h_new, c_new), (h_new, acts, c_saved)
     valid = m_t[:, None]
@@ -59,37 +58,30 @@ def _forward_step(w_hh, w_hr, precision, save, carry, inputs):
     return carry, (jnp.where(valid, h_new, jnp.zeros_like(h_new)), acts, c_saved)
 
 
-def _backward_step(w_hh, w_hr, precision, carry, inputs):
-    """Differentiates one step; carries (dh, dc) and emits (dz_t, dh_t) (dh_t for dW_hr)."""
+def _backward_step(w_hh_t, w_hr_t, precision, carry, inputs):
+    """Differentiates one step; carries (dh, dc) and emits (dz_t, dh_t) (dh_t for dW_hr).
+
+    Takes the transposed weights ``w_hh_t = W_hh^T`` (and ``W_hr^T``), materialised once
+    before the loop: a product with a transposed operand repacks the weight at every step on
+    CPU, which dominates the step at small batch.
+    """
     dh, dc = carry
     dy_t, acts, c_prev, m_t = inputs
     acc = dc.dtype
-    i, f, g, o = jnp.split(acts, 4, axis=-1)
     dh_total = dh + dy_t.astype(acc)
-    if w_hr is None:
+    if w_hr_t is None:
         dr = dh_total
     else:
-        dr = matmul(dh_total.astype(w_hr.dtype), w_hr.T, acc, precision)
-    tanh_c = jnp.tanh(f * c_prev + i * g)
-    dc_total = dc + dr * o * (1.0 - tanh_c * tanh_c)
-    dz = jnp.concatenate(
-        [
-            dc_total * g * i * (1.0 - i),
-            dc_total * c_prev * f * (1.0 - f),
-            dc_total * i * (1.0 - g * g),
-            dr * tanh_c * o * (1.0 - o),
-        ],
-        axis=-1,
-    )
-    dh_prev = matmul(dz.astype(w_hh.dtype), w_hh.T, acc, precision)
-    dc_prev = dc_total * f
+        dr = matmul(dh_total.astype(w_hr_t.dtype), w_hr_t, acc, precision)
+    dz, dc_prev, _ = cell_update_grad(acts, c_prev, dr, dc)
+    dh_prev = matmul(dz.astype(w_hh_t.dtype), w_hh_t, acc, precision)
     if m_t is not None:
         valid = m_t[:, None]
         dz = jnp.where(valid, dz, jnp.zeros_like(dz))
         dh_total = jnp.where(valid, dh_total, jnp.zeros_like(dh_total))
         dh_prev = jnp.where(valid, dh_prev, dh)
         dc_prev = jnp.where(valid, dc_prev, dc)
-    return (dh_prev, dc_prev), (dz, dh_total if w_hr is not None else None)
+    return (dh_prev, dc_prev), (dz, dh_total if w_hr_t is not None else None)
 
 
 def _run_forward(xw, w_hh, w_hr, h0, c0, mask, unroll, precision, save=True):
@@ -97,8 +89,12 @@ def _run_forward(xw, w_hh, w_hr, h0, c0, mask, unroll, precision, save=True):
     return jax.lax.scan(step, (h0, c0), (xw, mask), unroll=unroll)
 
 
+def _transposed(w):
+    return None if w is None else jnp.transpose(w)
+
+
 def _run_backward(w_hh, w_hr, carry, dys, acts, c_prev, mask, unroll, precision):
-    step = functools.partial(_backward_step, w_hh, w_hr, precision)
+    step = functools.partial(_backward_step, _transposed(w_hh), _transposed(w_hr), precision)
     return jax.lax.scan(step, carry, (dys, acts, c_prev, mask), reverse=True, unroll=unroll)
 
 
@@ -262,8 +258,11 @@ def _variant_forward_step(w_hh, w_hr, extras, rmask, opts, precision, carry, inp
     return carry, (jnp.where(valid, h_new, jnp.zeros_like(h_new)), saved, c)
 
 
-def _variant_backward_step(w_hh, w_hr, rmask, opts, precision, carry, inputs):
-    """Carries (dh, dc, d_extras); emits (da_t, dhw_t or None, r_t, dh~_t); r, dh~ for dW_hr."""
+def _variant_backward_step(w_hh_t, w_hr_t, rmask, opts, precision, carry, inputs):
+    """Carries (dh, dc, d_extras); emits (da_t, dhw_t or None, r_t, dh~_t); r, dh~ for dW_hr.
+
+    Takes the transposed weights, as :func:`_backward_step`.
+    """
     dh, dc, d_extras = carry
     dy_t, a_t, saved_t, c_prev, extras, m_t, masks_t = inputs
     acc = dc.dtype
@@ -276,10 +275,10 @@ def _variant_backward_step(w_hh, w_hr, rmask, opts, precision, carry, inputs):
         valid = m_t[:, None]
         d_new = jnp.where(valid, d_new, jnp.zeros_like(d_new))
         dc_in = jnp.where(valid, dc, jnp.zeros_like(dc))
-    if w_hr is None:
+    if w_hr_t is None:
         dr = d_new
     else:
-        dr = matmul(d_new.astype(w_hr.dtype), w_hr.T, acc, precision)
+        dr = matmul(d_new.astype(w_hr_t.dtype), w_hr_t, acc, precision)
     layer_norm_h = extras.ln_h_scale is not None
 
     def step(a, hw, c, ex):
@@ -292,7 +291,7 @@ def _variant_backward_step(w_hh, w_hr, rmask, opts, precision, carry, inputs):
         (r, _), vjp = jax.vjp(lambda z, c, ex: step(z, None, c, ex), saved_t, c_prev, extras)
         da, dc_prev, d_ex = vjp((dr, dc_in))
         dhw = da
-    dh_in = matmul(dhw.astype(w_hh.dtype), w_hh.T, acc, precision)
+    dh_in = matmul(dhw.astype(w_hh_t.dtype), w_hh_t, acc, precision)
     dh_prev = dh_in if rmask is None else dh_in * rmask.astype(acc)
     if dh_keep is not None:
         dh_prev = dh_prev + dh_keep
@@ -300,7 +299,7 @@ def _variant_backward_step(w_hh, w_hr, rmask, opts, precision, carry, inputs):
         dh_prev = jnp.where(valid, dh_prev, dh)
         dc_prev = jnp.where(valid, dc_prev, dc)
     d_extras = jax.tree_util.tree_map(jnp.add, d_extras, d_ex)
-    proj = w_hr is not None
+    proj = w_hr_t is not None
     return (dh_prev, dc_prev, d_extras), (
         da, dhw if layer_norm_h else None, r if proj else None, d_new if proj else None
     )
@@ -314,8 +313,10 @@ def _run_variant_forward(a, w_hh, w_hr, extras, rmask, h0, c0, mask, masks, opts
 
 def _run_variant_backward(w_hh, w_hr, extras, rmask, carry, dys, a, saved, c_prev, mask, masks,
                           opts, unroll, precision):
+    w_hh_t, w_hr_t = _transposed(w_hh), _transposed(w_hr)
+
     def step(carry, inputs):
-        return _variant_backward_step(w_hh, w_hr, rmask, opts, precision, carry, inputs[:4] + (
+        return _variant_backward_step(w_hh_t, w_hr_t, rmask, opts, precision, carry, inputs[:4] + (
             extras,) + inputs[4:])
 
     return jax.lax.scan(step, carry, (dys, a, saved, c_prev, mask, masks), reverse=True,

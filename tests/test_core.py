@@ -166,6 +166,45 @@ def test_gate_and_state_order_are_pinned():
     np.testing.assert_allclose(state.c[0, 0, 0], 7.0, rtol=1e-6)
 
 
+def test_fused_gate_activations_equal_sigmoid_and_tanh_and_their_derivatives():
+    """One scaled tanh over the (B, 4H) row is sigmoid on i, f, o and tanh on g; its
+    derivative from the activations is a(1-a) and 1-a^2 (compared in float64 with NumPy)."""
+    from lstm_jax._cell import activate_gates, activated_gates_grad, cell_update_grad
+
+    with jax.enable_x64(True):
+        hidden = 3
+        z = np.random.default_rng(0).normal(0.0, 4.0, (2, 4 * hidden))
+        z[0, :4] = [-40.0, 40.0, -0.0, 1e-8]  # saturated and tiny
+        acts = np.asarray(activate_gates(jnp.asarray(z)))
+        sig = 1.0 / (1.0 + np.exp(-z))
+        expected = np.concatenate(
+            [sig[:, :2 * hidden], np.tanh(z[:, 2 * hidden:3 * hidden]), sig[:, 3 * hidden:]], -1
+        )
+        np.testing.assert_allclose(acts, expected, rtol=1e-14, atol=1e-16)
+        d_expected = np.concatenate(
+            [(sig * (1 - sig))[:, :2 * hidden], 1 - np.tanh(z[:, 2 * hidden:3 * hidden]) ** 2,
+             (sig * (1 - sig))[:, 3 * hidden:]], -1,
+        )
+        # Computed from the activation, the derivative is exact to an ulp of 1 (absolute): where a
+        # gate saturates, a itself has lost the tail that z still knows.
+        np.testing.assert_allclose(np.asarray(activated_gates_grad(jnp.asarray(acts))),
+                                   d_expected, rtol=1e-12, atol=1e-15)
+
+        # cell_update_grad is the vector-Jacobian product of cell_update.
+        rng = np.random.default_rng(1)
+        c_prev, dr, dc = (jnp.asarray(rng.normal(size=(2, hidden))) for _ in range(3))
+
+        def update(z, c):
+            c_new, r, _ = lstm_jax._cell.cell_update(z, c)
+            return r, c_new
+
+        _, vjp = jax.vjp(update, jnp.asarray(z), c_prev)
+        dz_ad, dc_prev_ad = vjp((dr, dc))
+        dz, dc_prev, _ = cell_update_grad(jnp.asarray(acts), c_prev, dr, dc)
+        np.testing.assert_allclose(dz, dz_ad, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(dc_prev, dc_prev_ad, rtol=1e-12, atol=1e-15)
+
+
 def test_init_default_forget_bias_and_orthogonal_recurrence():
     params = init_lstm(jax.random.key(3), 6, 8, num_layers=2, bidirectional=True, forget_bias=2.0)
     for layer in params.layers:
