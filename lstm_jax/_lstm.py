@@ -264,7 +264,7 @@ def lstm(
     if D == 2:
         # Both directions walk forward through time-reversed inputs, so one vmapped loop
         # does both: a batched (2, B, H_out) x (2, H_out, 4H) product per step.
-        run = jax.vmap(run, in_axes=(0, 0, 0, 0, 0, None))
+        run = jax.vmap(run, in_axes=(0, 0, 0, 0, 0, None, 0))
 
     h_n, c_n = [], []
     layer_input = x
@@ -272,19 +272,20 @@ def lstm(
         # One large product for all steps and both directions.
         w_ih = jnp.concatenate([p.w_ih.astype(dtype) for p in directions], axis=1)
         xw = matmul(layer_input, w_ih, acc, precision)
-        if params.has_bias:
-            xw = xw + jnp.concatenate([p.b.astype(acc) for p in directions])
+        # The bias is added inside the loop's elementwise pass (one pass over xw less).
+        b = [p.b.astype(acc) if params.has_bias else None for p in directions]
         w_hh = [p.w_hh.astype(dtype) for p in directions]
         w_hr = [None if p.w_hr is None else p.w_hr.astype(dtype) for p in directions]
         states = slice(layer * D, (layer + 1) * D)
         if D == 1:
-            ys, (h, c) = run(xw, w_hh[0], w_hr[0], h0[layer], c0[layer], mask)
+            ys, (h, c) = run(xw, w_hh[0], w_hr[0], h0[layer], c0[layer], mask, b[0])
             h, c = h[None], c[None]
         else:
             xw_fwd, xw_bwd = jnp.split(xw, 2, axis=-1)
             xw = jnp.stack([xw_fwd, _time_reverse(xw_bwd, reverse_index)])
-            w_hr_stacked = None if w_hr[0] is None else jnp.stack(w_hr)
-            ys2, (h, c) = run(xw, jnp.stack(w_hh), w_hr_stacked, h0[states], c0[states], mask)
+            stack = lambda v: None if v[0] is None else jnp.stack(v)  # noqa: E731
+            ys2, (h, c) = run(xw, jnp.stack(w_hh), stack(w_hr), h0[states], c0[states], mask,
+                              stack(b))
             ys = jnp.concatenate([ys2[0], _time_reverse(ys2[1], reverse_index)], axis=-1)
         h_n.append(h)
         c_n.append(c)

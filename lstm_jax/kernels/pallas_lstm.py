@@ -357,6 +357,7 @@ def pallas_recurrence(
     h0: Array,
     c0: Array,
     mask: Array | None,
+    b: Array | None = None,
     *,
     interpret: bool = False,
     precision=None,
@@ -381,6 +382,7 @@ def pallas_recurrence(
       h0: ``(B, H)`` initial hidden state (dtype of the products).
       c0: ``(B, H)`` initial cell state (float32).
       mask: ``(T, B)`` bool or None; False steps keep the state and output zero.
+      b: ``(4H,)`` bias added to ``xw`` (float32), or None.
       interpret: run the kernel with Pallas' interpreter (any platform; slow, for tests).
       precision: ``jax.lax.Precision`` of the in-kernel products (``"highest"`` avoids TF32).
       block_b: batch rows per program (a multiple of 16); B is padded up to a multiple.
@@ -412,4 +414,6 @@ def pallas_recurrence(
         raise ValueError(f"block_b must be a power of two >= {MIN_TILE}, got {block_b}")
     # Static, hashable kernel settings.
     config = (bool(interpret), precision, int(block_b), num_warps)
+    if b is not None:
+        xw = xw + b
     return _pallas_core(config, xw, w_hh, h0, c0, mask)
