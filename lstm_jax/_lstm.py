@@ -253,46 +253,67 @@ def lstm(
             custom_grad, dtype, acc, out_dtype, unbatched, batch_first,
         )
     if chosen == "pallas":
-        run = functools.partial(pallas_recurrence, precision=precision)
+        loop = functools.partial(pallas_recurrence, precision=precision)
     elif custom_grad:
-        chunk = remat_chunk(T) if remat else 0
-        run = functools.partial(recurrence, unroll, precision, chunk)
+        loop = functools.partial(recurrence, unroll, precision, remat_chunk(T) if remat else 0)
     else:
-        run = functools.partial(recurrence_autodiff, unroll, precision)
+        loop = functools.partial(recurrence_autodiff, unroll, precision)
         if remat:
-            run = jax.checkpoint(run)
+            loop = jax.checkpoint(loop)
+
+    def run(xw, args, mask):
+        w_hh, w_hr, h0, c0, b = args
+        return loop(xw, w_hh, w_hr, h0, c0, mask, b)
+
+    def direction_inputs(layer, directions, xw, h0, c0):
+        # The bias is added inside the loop's elementwise pass (one pass over xw less).
+        return [
+            (xw_d, (p.w_hh.astype(dtype), None if p.w_hr is None else p.w_hr.astype(dtype),
+                    h0_d, c0_d, p.b.astype(acc) if params.has_bias else None))
+            for p, xw_d, h0_d, c0_d in zip(directions, xw, h0, c0, strict=True)
+        ]
+
+    y, h_n, c_n = _layer_loop(params, x, h0, c0, mask, reverse_index, run, direction_inputs,
+                              dropout, key, dtype, acc, precision)
+    return _finish(y, h_n, c_n, out_dtype, unbatched, batch_first)
+
+
+def _layer_loop(params, x, h0, c0, mask, reverse_index, run, direction_inputs, dropout, key,
+                dtype, acc, precision):
+    """Stacks the layers and runs both directions of each; shared by the plain and variant paths.
+
+    ``run(xw: (T, B, G*H), args, mask) -> (ys, (h_T, c_T))`` is one direction's time loop;
+    ``direction_inputs(layer, directions, xw, h0, c0)`` turns the per-direction lists of the
+    input product and initial states into ``[(loop input, args)]``, one pair per direction.
+    Returns time-major ``(y, h_n, c_n)``.
+    """
+    L, D = params.num_layers, params.num_directions
     if D == 2:
         # Both directions walk forward through time-reversed inputs, so one vmapped loop
         # does both: a batched (2, B, H_out) x (2, H_out, 4H) product per step.
-        run = jax.vmap(run, in_axes=(0, 0, 0, 0, 0, None, 0))
-
+        run = jax.vmap(run, in_axes=(0, 0, None))
     h_n, c_n = [], []
     layer_input = x
     for layer, directions in enumerate(params.layers):
         # One large product for all steps and both directions.
         w_ih = jnp.concatenate([p.w_ih.astype(dtype) for p in directions], axis=1)
-        xw = matmul(layer_input, w_ih, acc, precision)
-        # The bias is added inside the loop's elementwise pass (one pass over xw less).
-        b = [p.b.astype(acc) if params.has_bias else None for p in directions]
-        w_hh = [p.w_hh.astype(dtype) for p in directions]
-        w_hr = [None if p.w_hr is None else p.w_hr.astype(dtype) for p in directions]
+        xw = jnp.split(matmul(layer_input, w_ih, acc, precision), D, axis=-1)
         states = slice(layer * D, (layer + 1) * D)
+        inputs = direction_inputs(layer, directions, xw, list(h0[states]), list(c0[states]))
         if D == 1:
-            ys, (h, c) = run(xw, w_hh[0], w_hr[0], h0[layer], c0[layer], mask, b[0])
+            ((xs, args),) = inputs
+            ys, (h, c) = run(xs, args, mask)
             h, c = h[None], c[None]
         else:
-            xw_fwd, xw_bwd = jnp.split(xw, 2, axis=-1)
-            xw = jnp.stack([xw_fwd, _time_reverse(xw_bwd, reverse_index)])
-            stack = lambda v: None if v[0] is None else jnp.stack(v)  # noqa: E731
-            ys2, (h, c) = run(xw, jnp.stack(w_hh), stack(w_hr), h0[states], c0[states], mask,
-                              stack(b))
+            (xs_fwd, args_fwd), (xs_bwd, args_bwd) = inputs
+            xs = jnp.stack([xs_fwd, _time_reverse(xs_bwd, reverse_index)])
+            args = jax.tree_util.tree_map(lambda *v: jnp.stack(v), args_fwd, args_bwd)
+            ys2, (h, c) = run(xs, args, mask)
             ys = jnp.concatenate([ys2[0], _time_reverse(ys2[1], reverse_index)], axis=-1)
         h_n.append(h)
         c_n.append(c)
         layer_input = _between_layers(ys, layer, L, dropout, key, dtype)
-
-    return _finish(layer_input, jnp.concatenate(h_n), jnp.concatenate(c_n), out_dtype, unbatched,
-                   batch_first)
+    return layer_input, jnp.concatenate(h_n), jnp.concatenate(c_n)
 
 
 def variant_masks(key, layer, opts, D, T, B, H, H_out, dtype):
@@ -312,50 +333,34 @@ def variant_masks(key, layer, opts, D, T, B, H, H_out, dtype):
 
 def _variant_lstm(params, x, h0, c0, mask, reverse_index, opts, dropout, key, unroll, precision,
                   remat, custom_grad, dtype, acc, out_dtype, unbatched, batch_first):
-    """:func:`lstm` for the research variants: the same structure with the variant loop."""
-    L, D = params.num_layers, params.num_directions
+    """:func:`lstm` for the research variants: the same layer loop with the variant recurrence."""
+    D = params.num_directions
     T, B = x.shape[:2]
     H, H_out = params.hidden_size, params.output_size
     if custom_grad:
-        chunk = remat_chunk(T) if remat else 0
-        run = functools.partial(variant_recurrence, unroll, precision, chunk, opts)
+        loop = functools.partial(variant_recurrence, unroll, precision,
+                                 remat_chunk(T) if remat else 0, opts)
     else:
-        run = functools.partial(variant_recurrence_autodiff, unroll, precision, opts)
+        loop = functools.partial(variant_recurrence_autodiff, unroll, precision, opts)
         if remat:
-            run = jax.checkpoint(run)
-    if D == 2:
-        run = jax.vmap(run, in_axes=(0, 0, 0, 0, 0, 0, None, 0, 0))
+            loop = jax.checkpoint(loop)
 
-    h_n, c_n = [], []
-    layer_input = x
-    for layer, directions in enumerate(params.layers):
-        w_ih = jnp.concatenate([p.w_ih.astype(dtype) for p in directions], axis=1)
-        xw = jnp.split(matmul(layer_input, w_ih, acc, precision), D, axis=-1)
-        # The input layer norm and the bias act on each direction's (T, B, G*H) block.
-        a = [input_preactivations(xw_d, p, acc) for xw_d, p in zip(xw, directions, strict=True)]
-        w_hh = [p.w_hh.astype(dtype) for p in directions]
-        w_hr = [None if p.w_hr is None else p.w_hr.astype(dtype) for p in directions]
-        extras = [CellExtras.of(p, acc) for p in directions]
+    def run(a, args, mask):
+        w_hh, w_hr, extras, h0, c0, rmask, masks = args
+        return loop(a, w_hh, w_hr, extras, h0, c0, mask, rmask, masks)
+
+    def direction_inputs(layer, directions, xw, h0, c0):
         rmask, masks = variant_masks(key, layer, opts, D, T, B, H, H_out, dtype)
-        states = slice(layer * D, (layer + 1) * D)
-        if D == 1:
-            first = lambda v: None if v is None else v[0]  # noqa: E731
-            ys, (h, c) = run(
-                a[0], w_hh[0], w_hr[0], extras[0], h0[layer], c0[layer], mask, first(rmask),
-                jax.tree_util.tree_map(first, masks),
-            )
-            h, c = h[None], c[None]
-        else:
-            a = jnp.stack([a[0], _time_reverse(a[1], reverse_index)])
-            stack = lambda *v: None if v[0] is None else jnp.stack(v)  # noqa: E731
-            ys2, (h, c) = run(
-                a, jnp.stack(w_hh), stack(*w_hr), jax.tree_util.tree_map(stack, *extras,
-                is_leaf=lambda v: v is None), h0[states], c0[states], mask, rmask, masks,
-            )
-            ys = jnp.concatenate([ys2[0], _time_reverse(ys2[1], reverse_index)], axis=-1)
-        h_n.append(h)
-        c_n.append(c)
-        layer_input = _between_layers(ys, layer, L, dropout, key, dtype)
+        inputs = []
+        for d, (p, xw_d, h0_d, c0_d) in enumerate(zip(directions, xw, h0, c0, strict=True)):
+            # The input layer norm and the bias act on each direction's (T, B, G*H) block.
+            a = input_preactivations(xw_d, p, acc)
+            args = (p.w_hh.astype(dtype), None if p.w_hr is None else p.w_hr.astype(dtype),
+                    CellExtras.of(p, acc), h0_d, c0_d, None if rmask is None else rmask[d],
+                    jax.tree_util.tree_map(lambda m: m[d], masks))
+            inputs.append((a, args))
+        return inputs
 
-    return _finish(layer_input, jnp.concatenate(h_n), jnp.concatenate(c_n), out_dtype, unbatched,
-                   batch_first)
+    y, h_n, c_n = _layer_loop(params, x, h0, c0, mask, reverse_index, run, direction_inputs,
+                              dropout, key, dtype, acc, precision)
+    return _finish(y, h_n, c_n, out_dtype, unbatched, batch_first)

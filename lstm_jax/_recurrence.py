@@ -47,9 +47,9 @@ def _forward_step(w_hh, w_hr, b, precision, save, carry, inputs):
     h, c = carry
     xw_t, m_t = inputs
     acc = c.dtype
-    z = xw_t + matmul(h, w_hh, acc, precision)
-    if b is not None:
-        z = z + b
+    # (xw_t + b) + h @ w_hh: the variants' order of the sums, so both paths agree bit for bit.
+    a_t = xw_t if b is None else xw_t + b
+    z = a_t + matmul(h, w_hh, acc, precision)
     c_new, r, acts = cell_update(z, c)
     h_new = project(r, w_hr, h.dtype, acc, precision)
     acts, c_saved = (acts, c) if save else (None, None)
