@@ -116,7 +116,10 @@ def test_shapes_follow_torch():
 
 @pytest.mark.parametrize("name", ["plain", "all"])
 @pytest.mark.parametrize("remat", [False, True], ids=["saved", "remat"])
-def test_custom_vjp_equals_autodiff(name, remat):
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "stacked"])
+def test_custom_vjp_equals_autodiff(name, remat, in_place, monkeypatch):
+    # Both ways of keeping the activations: over xw in place (CPU) and the scan's stacked output.
+    monkeypatch.setattr(lstm_jax._recurrence, "in_place_residuals", lambda: in_place)
     params, x, h0, c0 = _inputs(CONFIGS[name])
     lengths = np.array([6, 2, 5])
     weights = np.random.default_rng(1).standard_normal((B, T, 1)).astype(np.float32)
