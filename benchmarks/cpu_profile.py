@@ -137,7 +137,7 @@ def parts(shape_text):
     c0 = jnp.zeros((B, H))
     for u in (1, 4):
         def fwd_loop(xw, w):
-            return recurrence(u, None, 0, xw, w, None, h0, c0, None)[0]
+            return recurrence(u, None, xw, w, None, h0, c0, None)[0]
 
         def fb_loop(xw, w):
             return jax.grad(lambda a, b: jnp.sum(fwd_loop(a, b)), argnums=(0, 1))(xw, w)

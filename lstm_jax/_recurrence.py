@@ -10,9 +10,10 @@ loop: T small products. The ``custom_vjp`` below runs a backward scan that carri
 all time steps (what cuDNN does), and the gradient of ``xw`` is ``dz`` itself, so autodiff
 of the hoisted input product makes ``dW_ih`` and ``dx`` large products too.
 
-With ``remat=True`` the forward pass keeps only the state at the start of each chunk of
-about sqrt(T) steps; the backward pass recomputes each chunk's gate activations before
-differentiating it, trading one extra forward pass for O(sqrt(T)) residual memory.
+For long sequences, :func:`remat_recurrence` takes the layer input instead of ``xw``: its
+forward pass keeps only the state at the start of each chunk of about sqrt(T) steps, and its
+backward pass recomputes each chunk's input product and gate activations before
+differentiating it, trading one extra forward pass for O(sqrt(T)) working memory.
 """
 
 from __future__ import annotations
@@ -145,95 +146,33 @@ def _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc, precision
     return dw_hh, dw_hr
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def recurrence(unroll, precision, chunk, xw, w_hh, w_hr, h0, c0, mask, b=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def recurrence(unroll, precision, xw, w_hh, w_hr, h0, c0, mask, b=None):
     """Runs one layer over time: ``xw: (T, B, 4H)`` -> ``(ys: (T, B, H_out), (h_T, c_T))``.
 
-    ``chunk`` is 0 for the plain backward pass, or the number of steps between saved
-    states for rematerialisation. ``mask: (T, B)`` bool or None marks valid steps.
-    ``b: (4H,)`` or None is added to ``xw`` at each step.
-    ``h0`` has the compute dtype, ``c0``, ``xw`` and ``b`` the accumulation dtype.
+    ``mask: (T, B)`` bool or None marks valid steps. ``b: (4H,)`` or None is added to ``xw``
+    at each step. ``h0`` has the compute dtype, ``c0``, ``xw`` and ``b`` the accumulation
+    dtype. For long sequences see :func:`remat_recurrence`.
     """
     (h, c), (ys, _, _) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision,
                                       save=False)
     return ys, (h, c)
 
 
-def _recurrence_fwd(unroll, precision, chunk, xw, w_hh, w_hr, h0, c0, mask, b):
-    if not chunk:
-        (h, c), (ys, acts, c_prev) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll,
-                                                  precision)
-        return (ys, (h, c)), (w_hh, w_hr, b, h0, c0, mask, ys, acts, c_prev, None)
-    # Rematerialised: keep only the state entering each chunk.
-    xw_c, mask_c, steps = _chunked(xw, mask, chunk)
-
-    def chunk_step(carry, inputs):
-        xw_k, m_k = inputs
-        new_carry, (ys_k, _, _) = _run_forward(
-            xw_k, b, w_hh, w_hr, *carry, m_k, unroll, precision, save=False
-        )
-        return new_carry, (ys_k, carry)
-
-    (h, c), (ys_c, starts) = jax.lax.scan(chunk_step, (h0, c0), (xw_c, mask_c))
-    ys = ys_c.reshape((-1,) + ys_c.shape[2:])[:steps]
-    return (ys, (h, c)), (w_hh, w_hr, b, h0, c0, mask, ys, None, None, (xw, starts))
+def _recurrence_fwd(unroll, precision, xw, w_hh, w_hr, h0, c0, mask, b):
+    (h, c), (ys, acts, c_prev) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision)
+    return (ys, (h, c)), (w_hh, w_hr, b, h0, c0, mask, ys, acts, c_prev)
 
 
-def _chunked(xw, mask, chunk):
-    """Pads time to a multiple of ``chunk`` with masked steps and splits it into chunks."""
-    steps, batch = xw.shape[:2]
-    n = -(-steps // chunk)
-    pad = n * chunk - steps
-    if mask is None:
-        mask = jnp.ones((steps, batch), bool)
-    xw = jnp.pad(xw, ((0, pad), (0, 0), (0, 0)))
-    mask = jnp.pad(mask, ((0, pad), (0, 0)))
-    return xw.reshape((n, chunk) + xw.shape[1:]), mask.reshape((n, chunk, batch)), steps
-
-
-def _recurrence_bwd(unroll, precision, chunk, residuals, cotangents):
-    w_hh, w_hr, b, h0, c0, mask, ys, acts, c_prev, remat = residuals
+def _recurrence_bwd(unroll, precision, residuals, cotangents):
+    w_hh, w_hr, b, h0, c0, mask, ys, acts, c_prev = residuals
     dys, (dh_T, dc_T) = cotangents
     acc = c0.dtype
     carry = (dh_T.astype(acc), dc_T.astype(acc))
-    if remat is None:
-        (dh0, dc0), (dz, dh_total) = _run_backward(
-            w_hh, w_hr, carry, dys, acts, c_prev, mask, unroll, precision
-        )
-        dw_hh, dw_hr = _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc, precision)
-    else:
-        xw, starts = remat
-        xw_c, mask_c, steps = _chunked(xw, mask, chunk)
-        n = xw_c.shape[0]
-        pad = n * chunk - steps
-
-        def time_chunks(a):
-            a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
-            return a.reshape((n, chunk) + a.shape[1:])
-
-        zero_hr = None if w_hr is None else jnp.zeros(w_hr.shape, acc)
-
-        def chunk_step(carry, inputs):
-            (dh, dc), dw_hh_sum, dw_hr_sum = carry
-            xw_k, m_k, dys_k, (h_k, c_k) = inputs
-            _, (ys_k, acts_k, c_prev_k) = _run_forward(
-                xw_k, b, w_hh, w_hr, h_k, c_k, m_k, unroll, precision
-            )
-            (dh, dc), (dz_k, dh_total_k) = _run_backward(
-                w_hh, w_hr, (dh, dc), dys_k, acts_k, c_prev_k, m_k, unroll, precision
-            )
-            dw_hh_k, dw_hr_k = _weight_grads(
-                w_hh, w_hr, h_k, ys_k, acts_k, c_prev_k, dz_k, dh_total_k, acc, precision
-            )
-            if w_hr is not None:
-                dw_hr_sum = dw_hr_sum + dw_hr_k
-            return ((dh, dc), dw_hh_sum + dw_hh_k, dw_hr_sum), dz_k
-
-        init = (carry, jnp.zeros(w_hh.shape, acc), zero_hr)
-        ((dh0, dc0), dw_hh, dw_hr), dz_c = jax.lax.scan(
-            chunk_step, init, (xw_c, mask_c, time_chunks(dys), starts), reverse=True
-        )
-        dz = dz_c.reshape((-1,) + dz_c.shape[2:])[:steps]
+    (dh0, dc0), (dz, dh_total) = _run_backward(
+        w_hh, w_hr, carry, dys, acts, c_prev, mask, unroll, precision
+    )
+    dw_hh, dw_hr = _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc, precision)
     # Masked steps have dz = 0, so they add nothing to the bias gradient.
     db = None if b is None else jnp.sum(dz, axis=(0, 1)).astype(b.dtype)
     return (
@@ -253,6 +192,102 @@ recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 def remat_chunk(steps: int) -> int:
     """Steps between saved states for rematerialisation: about sqrt(T) (Chen et al. 2016)."""
     return max(1, math.isqrt(max(steps, 1)))
+
+
+def _chunked(a, mask, chunk):
+    """Pads time to a multiple of ``chunk`` with masked steps and splits it into chunks."""
+    steps, batch = a.shape[:2]
+    n = -(-steps // chunk)
+    if mask is None:
+        mask = jnp.ones((steps, batch), bool)
+    return _time_chunks(a, n, chunk, steps), _time_chunks(mask, n, chunk, steps), steps
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def remat_recurrence(unroll, precision, chunk, x, w_ih, w_hh, w_hr, h0, c0, mask, b=None):
+    """:func:`recurrence` with the input product inside, rematerialised chunk by chunk.
+
+    Takes the layer input ``x: (T, B, D)`` and ``w_ih: (D, 4H)`` rather than ``xw``. The
+    forward pass keeps only the state entering each chunk of ``chunk`` steps (about sqrt(T),
+    :func:`remat_chunk`); the backward pass walks the chunks in reverse, recomputes each
+    chunk's ``x @ w_ih`` and forward loop, differentiates it and adds its share of
+    ``dW_ih``, ``dW_hh``, ``dW_hr`` and ``db``. Nothing of length T is kept besides ``x``
+    and ``ys`` (both of the caller) and ``dx``: working memory O(T/chunk + chunk) steps
+    instead of O(T) gate activations, for one extra forward pass (Chen et al. 2016).
+    """
+    acc = c0.dtype
+    xw = matmul(x, w_ih, acc, precision)
+    (h, c), (ys, _, _) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision,
+                                      save=False)
+    return ys, (h, c)
+
+
+def _remat_fwd(unroll, precision, chunk, x, w_ih, w_hh, w_hr, h0, c0, mask, b):
+    acc = c0.dtype
+    x_c, mask_c, steps = _chunked(x, mask, chunk)
+
+    def chunk_step(carry, inputs):
+        x_k, m_k = inputs
+        xw_k = matmul(x_k, w_ih, acc, precision)
+        new_carry, (ys_k, _, _) = _run_forward(xw_k, b, w_hh, w_hr, *carry, m_k, unroll,
+                                               precision, save=False)
+        return new_carry, (ys_k, carry)
+
+    (h, c), (ys_c, starts) = jax.lax.scan(chunk_step, (h0, c0), (x_c, mask_c))
+    ys = ys_c.reshape((-1,) + ys_c.shape[2:])[:steps]
+    return (ys, (h, c)), (x, w_ih, w_hh, w_hr, b, h0, c0, mask, starts)
+
+
+def _remat_bwd(unroll, precision, chunk, residuals, cotangents):
+    x, w_ih, w_hh, w_hr, b, h0, c0, mask, starts = residuals
+    dys, (dh_T, dc_T) = cotangents
+    acc = c0.dtype
+    x_c, mask_c, steps = _chunked(x, mask, chunk)
+    dys_c = _time_chunks(dys, x_c.shape[0], chunk, steps)
+
+    def chunk_step(carry, inputs):
+        state, sums = carry
+        x_k, m_k, dys_k, (h_k, c_k) = inputs
+        xw_k = matmul(x_k, w_ih, acc, precision)
+        _, (ys_k, acts_k, c_prev_k) = _run_forward(xw_k, b, w_hh, w_hr, h_k, c_k, m_k, unroll,
+                                                   precision)
+        state, (dz_k, dh_total_k) = _run_backward(w_hh, w_hr, state, dys_k, acts_k, c_prev_k,
+                                                  m_k, unroll, precision)
+        dw_hh_k, dw_hr_k = _weight_grads(w_hh, w_hr, h_k, ys_k, acts_k, c_prev_k, dz_k,
+                                         dh_total_k, acc, precision)
+        dz_w = dz_k.astype(w_ih.dtype)
+        dx_k = jnp.einsum("tbg,dg->tbd", dz_w, w_ih, precision=precision,
+                          preferred_element_type=acc)
+        dw_ih_k = jnp.einsum("tbd,tbg->dg", x_k, dz_w, precision=precision,
+                             preferred_element_type=acc)
+        grads_k = (dw_ih_k, dw_hh_k, dw_hr_k, None if b is None else jnp.sum(dz_k, axis=(0, 1)))
+        sums = jax.tree_util.tree_map(jnp.add, sums, grads_k)
+        return (state, sums), dx_k.astype(x.dtype)
+
+    def zeros(w):
+        return None if w is None else jnp.zeros(w.shape, acc)
+
+    init = ((dh_T.astype(acc), dc_T.astype(acc)), tuple(map(zeros, (w_ih, w_hh, w_hr, b))))
+    ((dh0, dc0), (dw_ih, dw_hh, dw_hr, db)), dx_c = jax.lax.scan(
+        chunk_step, init, (x_c, mask_c, dys_c, starts), reverse=True
+    )
+
+    def cast(g, like):
+        return None if like is None else g.astype(like.dtype)
+
+    return (
+        dx_c.reshape((-1,) + dx_c.shape[2:])[:steps],
+        cast(dw_ih, w_ih),
+        cast(dw_hh, w_hh),
+        cast(dw_hr, w_hr),
+        dh0.astype(h0.dtype),
+        dc0.astype(c0.dtype),
+        None,
+        cast(db, b),
+    )
+
+
+remat_recurrence.defvjp(_remat_fwd, _remat_bwd)
 
 
 def recurrence_autodiff(unroll, precision, xw, w_hh, w_hr, h0, c0, mask, b=None):

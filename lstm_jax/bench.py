@@ -114,6 +114,8 @@ GPU_SHAPES = [
     BI_SHAPE,
 ]
 MODES = ("fwdbwd", "fwd")
+# Issue 4's long-sequence memory report: T = 10,000.
+MEMORY_SHAPES = [Shape(8, 10_000, 128, 256), Shape(32, 10_000, 128, 256)]
 
 # ----------------------------------------------------------------------------- implementations
 
@@ -754,6 +756,103 @@ def _unroll_list(text: str) -> list[int]:
     return values
 
 
+# ----------------------------------------------------------------------------- memory
+
+MEMORY_VARIANTS = [
+    Variant("lstm_jax", {}),
+    Variant("lstm_jax remat", {"remat": True}),
+    Variant("lstm_jax-autodiff", {"custom_grad": False}),
+    Variant("lstm_jax-autodiff remat", {"custom_grad": False, "remat": True}),
+]
+
+
+class MemoryRow(NamedTuple):
+    shape: Shape
+    impl: str
+    temp_bytes: int | None  # XLA's working memory beyond arguments and outputs
+    total_bytes: int | None  # arguments + outputs + temporaries - aliased
+    note: str = ""
+
+
+def _xla_memory(fn, *args) -> tuple[int, int]:
+    """``(temp, total)`` bytes of the compiled ``jit(fn)`` (``memory_analysis``: no run)."""
+    import jax
+
+    m = jax.jit(fn).lower(*args).compile().memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+    return int(m.temp_size_in_bytes), int(total)
+
+
+def _torch_memory(shape: Shape) -> tuple[int | None, int | None, str]:
+    """Peak CUDA memory of one torch fwd+bwd beyond the parameters and input; GPU only."""
+    try:
+        import torch
+    except ImportError:
+        return None, None, "torch not importable"
+    if not torch.cuda.is_available():
+        return None, None, "torch's CPU allocator keeps no peak statistics"
+    model = torch.nn.LSTM(shape.D, shape.H, num_layers=shape.layers,
+                          bidirectional=shape.bidirectional, batch_first=True).cuda()
+    x = torch.from_numpy(_random_input(shape)).cuda().requires_grad_(True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    y, _ = model(x)
+    torch.autograd.grad(y.sum(), list(model.parameters()) + [x])
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return peak, None, "peak allocated during fwd+bwd (cuDNN)"
+
+
+def memory_results(shapes: list[Shape], log: Callable[[str], None] = print) -> list[MemoryRow]:
+    """Memory of one training step (``jit(grad)``) per implementation, from XLA's buffer plan."""
+    import jax
+    import jax.numpy as jnp
+
+    import lstm_jax
+
+    rows = []
+    for shape in shapes:
+        x = jax.ShapeDtypeStruct((shape.B, shape.T, shape.D), jnp.float32)
+        params = lstm_jax.init_lstm(jax.random.key(0), shape.D, shape.H, num_layers=shape.layers,
+                                    bidirectional=shape.bidirectional)
+        for v in MEMORY_VARIANTS:
+            def loss(p, xx, kw=v.kwargs):
+                return jnp.sum(lstm_jax.lstm(p, xx, **kw)[0])
+
+            temp, total = _xla_memory(jax.grad(loss, argnums=(0, 1)), params, x)
+            rows.append(MemoryRow(shape, v.label, temp, total))
+            log(f"{shape.label} {v.label}: temp {temp / 2**20:.1f} MiB, total {total / 2**20:.1f} MiB")
+        try:
+            import flax.linen as nn
+
+            model = nn.RNN(nn.OptimizedLSTMCell(shape.H))
+            if shape.layers == 1 and not shape.bidirectional:
+                flax_params = model.init(jax.random.key(0), jnp.zeros((1, 1, shape.D)))
+                temp, total = _xla_memory(jax.grad(lambda p, xx: jnp.sum(model.apply(p, xx)),
+                                                   argnums=(0, 1)), flax_params, x)
+                rows.append(MemoryRow(shape, "flax", temp, total))
+        except ImportError:
+            pass
+        peak, _, note = _torch_memory(shape)
+        rows.append(MemoryRow(shape, "torch", peak, None, note))
+    return rows
+
+
+def memory_table(rows: list[MemoryRow]) -> str:
+    def mib(b):
+        return "-" if b is None else f"{b / 2**20:.1f}"
+
+    lines = ["| shape B,T,D,H | impl | working memory MiB | total MiB | KiB per step | note |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        per_step = "-" if r.temp_bytes is None else f"{r.temp_bytes / 1024 / r.shape.T:.0f}"
+        lines.append(f"| {r.shape.label} | {r.impl} | {mib(r.temp_bytes)} | {mib(r.total_bytes)} "
+                     f"| {per_step} | {r.note} |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lstm-jax bench",
@@ -791,6 +890,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU: make glibc keep freed memory (reproducible timings on VMs where "
                    "page faults are costly; changes what both libraries pay)")
     p.add_argument("--notes", type=Path, help="a Markdown file appended to the results file")
+    p.add_argument("--memory", action="store_true",
+                   help="instead of timing: memory of one training step (jit(grad)) from XLA's "
+                   "buffer plan, with and without remat (default shapes: T=10,000), to "
+                   "benchmarks/results/<machine>-memory.md")
     return p
 
 
@@ -866,6 +969,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     backend = jax.default_backend()
+    if args.memory:
+        return memory_main(args, argv)
     if args.shapes:
         shapes = args.shapes
     elif args.cpu_shapes or (backend == "cpu" and not args.gpu_shapes):
@@ -932,6 +1037,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     write(results, done=True)
     print(render(results, header, []))
+    print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+def memory_main(args, argv) -> int:
+    """``--memory``: the training-step memory table, printed and written next to the timings."""
+    shapes = args.shapes or MEMORY_SHAPES
+    machine = machine_name()
+    out = args.out or Path("benchmarks/results") / f"{machine}-memory.md"
+    if out.is_dir():
+        out = out / f"{machine}-memory.md"
+    command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    rows = memory_results(shapes, log=lambda s: print(s, file=sys.stderr, flush=True))
+    text = "\n".join([
+        f"# lstm_jax training-step memory: {machine}",
+        "",
+        *environment(),
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- command: `{command.strip()}`",
+        "- method: jit(grad of sum(y) w.r.t. parameters and x), float32, compiled and not run; "
+        "working memory is XLA's temporary buffers (residuals, gradients in flight), total adds "
+        "the arguments and outputs (memory_analysis()). torch: peak CUDA allocation of one "
+        "fwd+bwd beyond parameters and input (GPU only).",
+        "",
+        memory_table(rows),
+        "",
+    ] + ([args.notes.read_text()] if args.notes else []))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(memory_table(rows))
     print(f"written to {out}", file=sys.stderr)
     return 0
 

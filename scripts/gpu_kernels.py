@@ -108,7 +108,7 @@ def check_pallas(cases, interpret):
             xw, w_hh, h0, c0, lengths = _recurrence_problem(B, T, H, dtype)
             mask = (jnp.arange(T)[:, None] < lengths[None, :]) if masked else None
             ref = _outputs_and_grads(
-                lambda *a: recurrence(1, precision, 0, a[0], a[1], None, a[2], a[3], mask),
+                lambda *a: recurrence(1, precision, a[0], a[1], None, a[2], a[3], mask),
                 xw, w_hh, h0, c0)
             got = _outputs_and_grads(
                 lambda *a: pallas_recurrence(a[0], a[1], None, a[2], a[3], mask,
@@ -125,7 +125,7 @@ def check_pallas(cases, interpret):
         probs = [_recurrence_problem(B, T, H, jnp.float32, seed=s)[:4] for s in (1, 2)]
         xw, w_hh, h0, c0 = (jnp.stack(a) for a in zip(*probs))
         axes = (0, 0, None, 0, 0, None)
-        ref = jax.vmap(lambda *a: recurrence(1, "highest", 0, *a), in_axes=axes)(
+        ref = jax.vmap(lambda *a: recurrence(1, "highest", *a), in_axes=axes)(
             xw, w_hh, None, h0, c0, None)
         got = jax.jit(jax.vmap(lambda *a: pallas_recurrence(*a, interpret=interpret,
                                                             precision="highest"),

@@ -84,3 +84,20 @@ def test_select_impls():
     assert {"lstm_jax-bf16", "jax.experimental.rnn", "torch-fp16", "torch-bf16"} <= set(gpu)
     sweep = bench.select_impls(bench.default_impls("cpu", [1, 4]), ["lstm_jax", "torch"], "cpu")
     assert [i.label for i in sweep] == ["lstm_jax u=1", "lstm_jax u=4", "torch"]
+
+
+def test_memory_mode_reports_the_residuals_and_remat_saves(tmp_path):
+    """--memory: the working memory of jit(grad) holds at least the residuals the custom VJP
+    keeps (a formula), and remat keeps less of them at a long sequence."""
+    shape = bench.Shape(2, 400, 3, 8)
+    out = tmp_path / "mem.md"
+    assert bench.main(["--memory", "--shapes", "2,400,3,8", "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = _rows(text[text.index("| shape B,T,D,H"):].split("\n\n", 1)[0])
+    assert rows[0][:4] == ["shape B,T,D,H", "impl", "working memory MiB", "total MiB"]
+    mib = {r[1]: float(r[2]) for r in rows[2:] if r[2] != "-"}
+    assert {"lstm_jax", "lstm_jax remat", "lstm_jax-autodiff", "flax"} <= set(mib)
+    # Saved per step: the gate activations (B, 4H), c_{t-1} and y_t (B, H), float32.
+    residuals = shape.T * shape.B * (4 + 1 + 1) * shape.H * 4 / 2**20
+    assert mib["lstm_jax"] >= residuals
+    assert mib["lstm_jax remat"] < mib["lstm_jax"]

@@ -53,7 +53,7 @@ def _loss_and_grads(run, xw, w_hh, h0, c0):
 def test_pallas_matches_scan_forward_and_gradients(hidden, masked):
     xw, w_hh, h0, c0 = _problem(hidden)
     mask = MASK if masked else None
-    scan = lambda *a: recurrence(1, "highest", 0, a[0], a[1], None, a[2], a[3], mask)
+    scan = lambda *a: recurrence(1, "highest", a[0], a[1], None, a[2], a[3], mask)
     kern = lambda *a: pallas_recurrence(
         a[0], a[1], None, a[2], a[3], mask, interpret=True, precision="highest"
     )
@@ -73,7 +73,7 @@ def test_pallas_vmapped_over_directions():
     probs = [_problem(8, seed=s) for s in (1, 2)]
     xw, w_hh, h0, c0 = (jnp.stack(a) for a in zip(*probs))
     axes = (0, 0, None, 0, 0, None)
-    ref = jax.vmap(lambda *a: recurrence(1, "highest", 0, *a), in_axes=axes)(
+    ref = jax.vmap(lambda *a: recurrence(1, "highest", *a), in_axes=axes)(
         xw, w_hh, None, h0, c0, None)
     out = jax.vmap(lambda *a: pallas_recurrence(*a, interpret=True), in_axes=axes)(
         xw, w_hh, None, h0, c0, None)
@@ -83,7 +83,7 @@ def test_pallas_vmapped_over_directions():
 
 def test_pallas_bfloat16_products_match_scan():
     xw, w_hh, h0, c0 = _problem(16, seed=3, dtype=jnp.bfloat16)
-    ref = recurrence(1, None, 0, xw, w_hh, None, h0, c0, None)
+    ref = recurrence(1, None, xw, w_hh, None, h0, c0, None)
     out = pallas_recurrence(xw, w_hh, None, h0, c0, None, interpret=True)
     assert out[0].dtype == jnp.bfloat16 and out[1][1].dtype == jnp.float32
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
