@@ -10,6 +10,7 @@
 #   <card>.md                the benchmark table (e.g. nvidia-h100-80gb-hbm3.md): copy to
 #                            benchmarks/results/
 #   <card>-unroll.md         the unroll sweep (fwd+bwd) that DEFAULT_UNROLL["gpu"] is chosen from
+#   <card>-memory.md         training-step memory at T=10,000 (lstm_jax with and without remat, torch)
 # Needs only what the GPU machine has: jax (CUDA), flax, torch (CUDA); the repo on PYTHONPATH.
 # Knobs (environment): BENCH_SHAPES, SWEEP_SHAPES, SWEEP_UNROLLS, SWEEP_IMPLS, REPEATS, *_TIMEOUT.
 set -o pipefail
@@ -173,6 +174,10 @@ part benchmark "$BENCH_TIMEOUT" python scripts/bench.py --shapes $BENCH_SHAPES $
 part unroll-sweep "$SWEEP_TIMEOUT" python scripts/bench.py --shapes $SWEEP_SHAPES \
   --only fwdbwd --unroll "$SWEEP_UNROLLS" --impls "$SWEEP_IMPLS" \
   --repeats "$REPEATS" --warmup 1 --min-time 0.02 --max-seconds $((SWEEP_TIMEOUT - 30)) --out "$OUT"
+
+# ----------------------------------------------------------------------------- 4. memory
+# Training-step memory at T=10,000 (XLA's buffer plan; torch's CUDA peak): a few seconds.
+part memory "${MEMORY_TIMEOUT:-60}" python scripts/bench.py --memory --out "$OUT"
 
 ls -l "$OUT" | tee -a "$LOG"
 echo "=== done in $((SECONDS - START))s, status $status ===" | tee -a "$LOG"
