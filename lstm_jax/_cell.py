@@ -275,8 +275,13 @@ def layer_norm(v: Array, scale: Array, bias: Array | None = None, eps: float = L
 
 def input_preactivations(xw: Array, p: LSTMCellParams, acc) -> Array:
     """``LN(x @ w_ih) + b`` (or ``x @ w_ih + b``): the part of ``z`` known before the loop."""
-    a = xw if p.ln_x_scale is None else layer_norm(xw, p.ln_x_scale.astype(acc))
-    return a if p.b is None else a + p.b.astype(acc)
+    return input_affine(xw, p.ln_x_scale, p.b, acc)
+
+
+def input_affine(xw: Array, ln_x_scale: Array | None, b: Array | None, acc) -> Array:
+    """:func:`input_preactivations` from the arrays: ``LN(xw; ln_x_scale) + b``, each optional."""
+    a = xw if ln_x_scale is None else layer_norm(xw, ln_x_scale.astype(acc))
+    return a if b is None else a + b.astype(acc)
 
 
 def variant_step(

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from lstm_jax._cell import (
     cell_update,
     cell_update_grad,
+    input_affine,
     matmul,
     project,
     variant_step,
@@ -411,15 +412,14 @@ def _variant_weight_grads(w_hh, w_hr, rmask, h0, ys, dhw, r, d_new, acc, precisi
     return dw_hh, dw_hr
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def variant_recurrence(unroll, precision, chunk, opts, a, w_hh, w_hr, extras, h0, c0, mask, rmask,
-                       masks):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def variant_recurrence(unroll, precision, opts, a, w_hh, w_hr, extras, h0, c0, mask, rmask, masks):
     """One layer of an LSTM variant over time: ``a: (T, B, G*H)`` -> ``(ys, (h_T, c_T))``.
 
     ``a`` holds the input pre-activations (input layer norm and bias applied), ``extras`` the
     :class:`CellExtras` (accumulation dtype), ``rmask: (B, H_out)`` the recurrent-dropout
     mask or None, ``masks`` the :class:`StepMasks` with a leading time axis, ``opts`` the
-    static :class:`VariantOptions`. ``chunk`` as for :func:`recurrence`.
+    static :class:`VariantOptions`. For long sequences see :func:`variant_remat_recurrence`.
     """
     (h, c), (ys, _, _) = _run_variant_forward(
         a, w_hh, w_hr, extras, rmask, h0, c0, mask, masks, opts, unroll, precision
@@ -427,93 +427,32 @@ def variant_recurrence(unroll, precision, chunk, opts, a, w_hh, w_hr, extras, h0
     return ys, (h, c)
 
 
-def _variant_recurrence_fwd(unroll, precision, chunk, opts, a, w_hh, w_hr, extras, h0, c0, mask,
-                            rmask, masks):
-    args = (w_hh, w_hr, extras, rmask, h0, c0, mask, masks, a)
-    if not chunk:
-        (h, c), (ys, saved, c_prev) = _run_variant_forward(
-            a, w_hh, w_hr, extras, rmask, h0, c0, mask, masks, opts, unroll, precision
-        )
-        return (ys, (h, c)), (args, ys, saved, c_prev, None)
-    a_c, mask_c, masks_c, steps = _variant_chunked(a, mask, masks, chunk)
-
-    def chunk_step(carry, inputs):
-        a_k, m_k, masks_k = inputs
-        new_carry, (ys_k, _, _) = _run_variant_forward(
-            a_k, w_hh, w_hr, extras, rmask, *carry, m_k, masks_k, opts, unroll, precision
-        )
-        return new_carry, (ys_k, carry)
-
-    (h, c), (ys_c, starts) = jax.lax.scan(chunk_step, (h0, c0), (a_c, mask_c, masks_c))
-    ys = ys_c.reshape((-1,) + ys_c.shape[2:])[:steps]
-    return (ys, (h, c)), (args, ys, None, None, starts)
+def _variant_recurrence_fwd(unroll, precision, opts, a, w_hh, w_hr, extras, h0, c0, mask, rmask,
+                            masks):
+    (h, c), (ys, saved, c_prev) = _run_variant_forward(
+        a, w_hh, w_hr, extras, rmask, h0, c0, mask, masks, opts, unroll, precision
+    )
+    return (ys, (h, c)), (w_hh, w_hr, extras, rmask, h0, c0, mask, masks, a, ys, saved, c_prev)
 
 
-def _time_chunks(a, n, chunk, steps):
-    pad = n * chunk - steps
-    a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
-    return a.reshape((n, chunk) + a.shape[1:])
-
-
-def _variant_chunked(a, mask, masks, chunk):
-    """Pads time to a multiple of ``chunk`` with masked steps and splits it into chunks."""
-    steps, batch = a.shape[:2]
-    n = -(-steps // chunk)
-    if mask is None:
-        mask = jnp.ones((steps, batch), bool)
-
-    def split(v):
-        return None if v is None else _time_chunks(v, n, chunk, steps)
-
-    return split(a), split(mask), jax.tree_util.tree_map(split, masks), steps
-
-
-def _variant_recurrence_bwd(unroll, precision, chunk, opts, residuals, cotangents):
-    (w_hh, w_hr, extras, rmask, h0, c0, mask, masks, a), ys, saved, c_prev, starts = residuals
+def _variant_recurrence_bwd(unroll, precision, opts, residuals, cotangents):
+    w_hh, w_hr, extras, rmask, h0, c0, mask, masks, a, ys, saved, c_prev = residuals
     dys, (dh_T, dc_T) = cotangents
     acc = c0.dtype
-    zero_extras = jax.tree_util.tree_map(jnp.zeros_like, extras)
-    carry = (dh_T.astype(acc), dc_T.astype(acc), zero_extras)
-    if starts is None:
-        (dh0, dc0, d_extras), (da, dhw, r, d_new) = _run_variant_backward(
-            w_hh, w_hr, extras, rmask, carry, dys, a, saved, c_prev, mask, masks, opts, unroll,
-            precision,
-        )
-        dhw = da if dhw is None else dhw
-        dw_hh, dw_hr = _variant_weight_grads(
-            w_hh, w_hr, rmask, h0, ys, dhw, r, d_new, acc, precision
-        )
-    else:
-        a_c, mask_c, masks_c, steps = _variant_chunked(a, mask, masks, chunk)
-        n = a_c.shape[0]
-        zero_hr = None if w_hr is None else jnp.zeros(w_hr.shape, acc)
+    carry = (dh_T.astype(acc), dc_T.astype(acc), jax.tree_util.tree_map(jnp.zeros_like, extras))
+    (dh0, dc0, d_extras), (da, dhw, r, d_new) = _run_variant_backward(
+        w_hh, w_hr, extras, rmask, carry, dys, a, saved, c_prev, mask, masks, opts, unroll,
+        precision,
+    )
+    dhw = da if dhw is None else dhw
+    dw_hh, dw_hr = _variant_weight_grads(w_hh, w_hr, rmask, h0, ys, dhw, r, d_new, acc, precision)
+    return (da, *_variant_loop_cotangents(dw_hh, dw_hr, d_extras, dh0, dc0, w_hh, w_hr, h0, c0,
+                                          masks))
 
-        def chunk_step(carry, inputs):
-            grads, dw_hh_sum, dw_hr_sum = carry
-            a_k, m_k, masks_k, dys_k, (h_k, c_k) = inputs
-            _, (ys_k, saved_k, c_prev_k) = _run_variant_forward(
-                a_k, w_hh, w_hr, extras, rmask, h_k, c_k, m_k, masks_k, opts, unroll, precision
-            )
-            grads, (da_k, dhw_k, r_k, d_new_k) = _run_variant_backward(
-                w_hh, w_hr, extras, rmask, grads, dys_k, a_k, saved_k, c_prev_k, m_k, masks_k,
-                opts, unroll, precision,
-            )
-            dhw_k = da_k if dhw_k is None else dhw_k
-            dw_hh_k, dw_hr_k = _variant_weight_grads(
-                w_hh, w_hr, rmask, h_k, ys_k, dhw_k, r_k, d_new_k, acc, precision
-            )
-            if w_hr is not None:
-                dw_hr_sum = dw_hr_sum + dw_hr_k
-            return (grads, dw_hh_sum + dw_hh_k, dw_hr_sum), da_k
 
-        init = (carry, jnp.zeros(w_hh.shape, acc), zero_hr)
-        ((dh0, dc0, d_extras), dw_hh, dw_hr), da_c = jax.lax.scan(
-            chunk_step, init, (a_c, mask_c, masks_c, _time_chunks(dys, n, chunk, steps), starts),
-            reverse=True,
-        )
-        da = da_c.reshape((-1,) + da_c.shape[2:])[:steps]
+def _variant_loop_cotangents(dw_hh, dw_hr, d_extras, dh0, dc0, w_hh, w_hr, h0, c0, masks):
+    """The cotangents of ``(w_hh, w_hr, extras, h0, c0, mask, rmask, masks)``, in their dtypes."""
     return (
-        da,
         dw_hh.astype(w_hh.dtype),
         None if w_hr is None else dw_hr.astype(w_hr.dtype),
         d_extras,
@@ -526,6 +465,120 @@ def _variant_recurrence_bwd(unroll, precision, chunk, opts, residuals, cotangent
 
 
 variant_recurrence.defvjp(_variant_recurrence_fwd, _variant_recurrence_bwd)
+
+
+def _time_chunks(a, n, chunk, steps):
+    pad = n * chunk - steps
+    a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+    return a.reshape((n, chunk) + a.shape[1:])
+
+
+def _variant_chunked(x, mask, masks, chunk):
+    """Pads time to a multiple of ``chunk`` with masked steps and splits it into chunks."""
+    steps, batch = x.shape[:2]
+    n = -(-steps // chunk)
+    if mask is None:
+        mask = jnp.ones((steps, batch), bool)
+
+    def split(v):
+        return None if v is None else _time_chunks(v, n, chunk, steps)
+
+    return split(x), split(mask), jax.tree_util.tree_map(split, masks), steps
+
+
+def _variant_inputs(x, in_params, acc, precision):
+    """The input pre-activations ``LN(x @ w_ih) + b`` of ``in_params = (w_ih, ln_x_scale, b)``."""
+    w_ih, ln_x_scale, b = in_params
+    return input_affine(matmul(x, w_ih, acc, precision), ln_x_scale, b, acc)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def variant_remat_recurrence(unroll, precision, chunk, opts, x, in_params, w_hh, w_hr, extras, h0,
+                             c0, mask, rmask, masks):
+    """:func:`variant_recurrence` with the input pre-activations inside, rematerialised by chunks.
+
+    Takes the layer input ``x: (T, B, D)`` and ``in_params = (w_ih, ln_x_scale, b)`` (the
+    last two may be None) rather than ``a``. As :func:`remat_recurrence`: the forward pass
+    keeps the state entering each chunk of ``chunk`` steps; the backward pass recomputes each
+    chunk's ``LN(x @ w_ih) + b`` and loop, differentiates the loop, then the input function
+    (``jax.vjp``: ``dW_ih`` one product per chunk), summing the parameter gradients.
+    """
+    acc = c0.dtype
+    (h, c), (ys, _, _) = _run_variant_forward(
+        _variant_inputs(x, in_params, acc, precision), w_hh, w_hr, extras, rmask, h0, c0, mask,
+        masks, opts, unroll, precision,
+    )
+    return ys, (h, c)
+
+
+def _variant_remat_fwd(unroll, precision, chunk, opts, x, in_params, w_hh, w_hr, extras, h0, c0,
+                       mask, rmask, masks):
+    acc = c0.dtype
+    x_c, mask_c, masks_c, steps = _variant_chunked(x, mask, masks, chunk)
+
+    def chunk_step(carry, inputs):
+        x_k, m_k, masks_k = inputs
+        a_k = _variant_inputs(x_k, in_params, acc, precision)
+        new_carry, (ys_k, _, _) = _run_variant_forward(
+            a_k, w_hh, w_hr, extras, rmask, *carry, m_k, masks_k, opts, unroll, precision
+        )
+        return new_carry, (ys_k, carry)
+
+    (h, c), (ys_c, starts) = jax.lax.scan(chunk_step, (h0, c0), (x_c, mask_c, masks_c))
+    ys = ys_c.reshape((-1,) + ys_c.shape[2:])[:steps]
+    return (ys, (h, c)), (x, in_params, w_hh, w_hr, extras, rmask, h0, c0, mask, masks, starts)
+
+
+def _variant_remat_bwd(unroll, precision, chunk, opts, residuals, cotangents):
+    x, in_params, w_hh, w_hr, extras, rmask, h0, c0, mask, masks, starts = residuals
+    dys, (dh_T, dc_T) = cotangents
+    acc = c0.dtype
+    x_c, mask_c, masks_c, steps = _variant_chunked(x, mask, masks, chunk)
+
+    def inputs_of(x_k, params):
+        return _variant_inputs(x_k, params, acc, precision)
+
+    def chunk_step(carry, inputs):
+        grads, sums = carry
+        x_k, m_k, masks_k, dys_k, (h_k, c_k) = inputs
+        a_k, inputs_vjp = jax.vjp(inputs_of, x_k, in_params)
+        _, (ys_k, saved_k, c_prev_k) = _run_variant_forward(
+            a_k, w_hh, w_hr, extras, rmask, h_k, c_k, m_k, masks_k, opts, unroll, precision
+        )
+        grads, (da_k, dhw_k, r_k, d_new_k) = _run_variant_backward(
+            w_hh, w_hr, extras, rmask, grads, dys_k, a_k, saved_k, c_prev_k, m_k, masks_k,
+            opts, unroll, precision,
+        )
+        dhw_k = da_k if dhw_k is None else dhw_k
+        dw_hh_k, dw_hr_k = _variant_weight_grads(
+            w_hh, w_hr, rmask, h_k, ys_k, dhw_k, r_k, d_new_k, acc, precision
+        )
+        dx_k, d_in_k = inputs_vjp(da_k.astype(a_k.dtype))
+        sums = jax.tree_util.tree_map(lambda s, g: s + g.astype(acc), sums,
+                                      (d_in_k, dw_hh_k, dw_hr_k))
+        return (grads, sums), dx_k
+
+    def zeros(v):
+        return jnp.zeros(v.shape, acc)
+
+    init = (
+        (dh_T.astype(acc), dc_T.astype(acc), jax.tree_util.tree_map(jnp.zeros_like, extras)),
+        jax.tree_util.tree_map(zeros, (in_params, w_hh, w_hr)),
+    )
+    ((dh0, dc0, d_extras), (d_in, dw_hh, dw_hr)), dx_c = jax.lax.scan(
+        chunk_step, init,
+        (x_c, mask_c, masks_c, _time_chunks(dys, x_c.shape[0], chunk, steps), starts),
+        reverse=True,
+    )
+
+    return (
+        dx_c.reshape((-1,) + dx_c.shape[2:])[:steps],
+        jax.tree_util.tree_map(lambda g, like: g.astype(like.dtype), d_in, in_params),
+        *_variant_loop_cotangents(dw_hh, dw_hr, d_extras, dh0, dc0, w_hh, w_hr, h0, c0, masks),
+    )
+
+
+variant_remat_recurrence.defvjp(_variant_remat_fwd, _variant_remat_bwd)
 
 
 def variant_recurrence_autodiff(unroll, precision, opts, a, w_hh, w_hr, extras, h0, c0, mask, rmask,
