@@ -13,7 +13,7 @@ from lstm_jax._cell import (
     accumulation_dtype,
     draw_step_masks,
     input_preactivations,
-    matmul,
+    input_product,
     recurrent_mask,
 )
 from lstm_jax._params import LSTMParams, LSTMState
@@ -314,7 +314,7 @@ def _layer_loop(params, x, h0, c0, mask, reverse_index, run, direction_inputs, d
         if project:
             # One large product for all steps and both directions.
             w_ih = jnp.concatenate([p.w_ih.astype(dtype) for p in directions], axis=1)
-            xs = jnp.split(matmul(layer_input, w_ih, acc, precision), D, axis=-1)
+            xs = jnp.split(input_product(layer_input, w_ih, acc, precision), D, axis=-1)
         else:
             xs = [layer_input] * D
         states = slice(layer * D, (layer + 1) * D)

@@ -29,6 +29,7 @@ from lstm_jax._cell import (
     cell_update_grad,
     input_affine,
     matmul,
+    summed_outer,
     project,
     variant_step,
     zoneout,
@@ -134,16 +135,12 @@ def _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc, precision
     """dW_hh and dW_hr as single products over all (t, b) of a span of steps."""
     # h_{t-1} is y_{t-1}: valid wherever dz is non-zero (masked steps have dz = 0).
     h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
-    dw_hh = jnp.einsum("tbk,tbg->kg", h_prev, dz.astype(h_prev.dtype), precision=precision,
-                       preferred_element_type=acc)
+    dw_hh = summed_outer(h_prev, dz, acc, precision)
     dw_hr = None
     if w_hr is not None:
         i, f, g, o = jnp.split(acts, 4, axis=-1)
         r = (o * jnp.tanh(f * c_prev + i * g)).astype(w_hr.dtype)
-        dw_hr = jnp.einsum(
-            "tbh,tbk->hk", r, dh_total.astype(w_hr.dtype), precision=precision,
-            preferred_element_type=acc,
-        )
+        dw_hr = summed_outer(r, dh_total.astype(w_hr.dtype), acc, precision)
     return dw_hh, dw_hr
 
 
@@ -259,8 +256,7 @@ def _remat_bwd(unroll, precision, chunk, residuals, cotangents):
         dz_w = dz_k.astype(w_ih.dtype)
         dx_k = jnp.einsum("tbg,dg->tbd", dz_w, w_ih, precision=precision,
                           preferred_element_type=acc)
-        dw_ih_k = jnp.einsum("tbd,tbg->dg", x_k, dz_w, precision=precision,
-                             preferred_element_type=acc)
+        dw_ih_k = summed_outer(x_k, dz_w, acc, precision)
         grads_k = (dw_ih_k, dw_hh_k, dw_hr_k, None if b is None else jnp.sum(dz_k, axis=(0, 1)))
         sums = jax.tree_util.tree_map(jnp.add, sums, grads_k)
         return (state, sums), dx_k.astype(x.dtype)
@@ -401,14 +397,10 @@ def _variant_weight_grads(w_hh, w_hr, rmask, h0, ys, dhw, r, d_new, acc, precisi
     h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
     if rmask is not None:
         h_prev = h_prev * rmask
-    dw_hh = jnp.einsum("tbk,tbg->kg", h_prev, dhw.astype(h_prev.dtype), precision=precision,
-                       preferred_element_type=acc)
+    dw_hh = summed_outer(h_prev, dhw, acc, precision)
     dw_hr = None
     if w_hr is not None:
-        dw_hr = jnp.einsum(
-            "tbh,tbk->hk", r.astype(w_hr.dtype), d_new.astype(w_hr.dtype), precision=precision,
-            preferred_element_type=acc,
-        )
+        dw_hr = summed_outer(r.astype(w_hr.dtype), d_new.astype(w_hr.dtype), acc, precision)
     return dw_hh, dw_hr
 
 
