@@ -107,12 +107,6 @@ def activated_gates_grad(acts: Array) -> Array:
     return (1.0 - acts) * (acts + (2.0 * k - 1.0))
 
 
-def gate_activations(z: Array) -> tuple[Array, Array, Array, Array]:
-    """Splits pre-activations ``z: (..., 4H)`` in the order i, f, g, o and activates them."""
-    i, f, g, o = jnp.split(activate_gates(z), 4, axis=-1)
-    return i, f, g, o
-
-
 def cell_update(z: Array, c: Array) -> tuple[Array, Array, Array]:
     """From pre-activations and the previous cell state to ``(c_t, o_t * tanh(c_t), acts)``.
 
@@ -124,9 +118,7 @@ def cell_update(z: Array, c: Array) -> tuple[Array, Array, Array]:
     return c_new, o * jnp.tanh(c_new), acts
 
 
-def cell_update_grad(
-    acts: Array, c_prev: Array, dr: Array, dc: Array
-) -> tuple[Array, Array, Array]:
+def cell_update_grad(acts: Array, c_prev: Array, dr: Array, dc: Array) -> tuple[Array, Array]:
     """The backward of :func:`cell_update`: from ``dr = dL/d(o tanh c_t)`` and ``dc = dL/dc_t``.
 
     Recomputes ``tanh(c_t)`` from the saved activations and ``c_{t-1}`` (cheaper to store
@@ -136,13 +128,13 @@ def cell_update_grad(
         dz   = [dc~ * g, dc~ * c_{t-1}, dc~ * i, dr * tanh(c_t)] * d act / d z
         dc_{t-1} = dc~ * f
 
-    Returns ``(dz: (..., 4H), dc_{t-1}, tanh(c_t))``.
+    Returns ``(dz: (..., 4H), dc_{t-1})``.
     """
     i, f, g, o = jnp.split(acts, 4, axis=-1)
     tanh_c = jnp.tanh(f * c_prev + i * g)
     dc_total = dc + dr * o * (1.0 - tanh_c * tanh_c)
     dact = jnp.concatenate([dc_total * g, dc_total * c_prev, dc_total * i, dr * tanh_c], axis=-1)
-    return dact * activated_gates_grad(acts), dc_total * f, tanh_c
+    return dact * activated_gates_grad(acts), dc_total * f
 
 
 def project(r: Array, w_hr: Array | None, dtype, acc_dtype, precision=None) -> Array:

@@ -80,7 +80,7 @@ def _backward_step(w_hh_t, w_hr_t, precision, carry, inputs):
         dr = dh_total
     else:
         dr = matmul(dh_total.astype(w_hr_t.dtype), w_hr_t, acc, precision)
-    dz, dc_prev, _ = cell_update_grad(acts, c_prev, dr, dc)
+    dz, dc_prev = cell_update_grad(acts, c_prev, dr, dc)
     dh_prev = matmul(dz.astype(w_hh_t.dtype), w_hh_t, acc, precision)
     if m_t is not None:
         valid = m_t[:, None]
@@ -140,7 +140,7 @@ def _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc, precision
     if w_hr is not None:
         i, f, g, o = jnp.split(acts, 4, axis=-1)
         r = (o * jnp.tanh(f * c_prev + i * g)).astype(w_hr.dtype)
-        dw_hr = summed_outer(r, dh_total.astype(w_hr.dtype), acc, precision)
+        dw_hr = summed_outer(r, dh_total, acc, precision)
     return dw_hh, dw_hr
 
 
@@ -254,8 +254,7 @@ def _remat_bwd(unroll, precision, chunk, residuals, cotangents):
         dw_hh_k, dw_hr_k = _weight_grads(w_hh, w_hr, h_k, ys_k, acts_k, c_prev_k, dz_k,
                                          dh_total_k, acc, precision)
         dz_w = dz_k.astype(w_ih.dtype)
-        dx_k = jnp.einsum("tbg,dg->tbd", dz_w, w_ih, precision=precision,
-                          preferred_element_type=acc)
+        dx_k = matmul(dz_w, jnp.transpose(w_ih), acc, precision)
         dw_ih_k = summed_outer(x_k, dz_w, acc, precision)
         grads_k = (dw_ih_k, dw_hh_k, dw_hr_k, None if b is None else jnp.sum(dz_k, axis=(0, 1)))
         sums = jax.tree_util.tree_map(jnp.add, sums, grads_k)
@@ -400,7 +399,7 @@ def _variant_weight_grads(w_hh, w_hr, rmask, h0, ys, dhw, r, d_new, acc, precisi
     dw_hh = summed_outer(h_prev, dhw, acc, precision)
     dw_hr = None
     if w_hr is not None:
-        dw_hr = summed_outer(r.astype(w_hr.dtype), d_new.astype(w_hr.dtype), acc, precision)
+        dw_hr = summed_outer(r.astype(w_hr.dtype), d_new, acc, precision)
     return dw_hh, dw_hr
 
 
@@ -466,16 +465,12 @@ def _time_chunks(a, n, chunk, steps):
 
 
 def _variant_chunked(x, mask, masks, chunk):
-    """Pads time to a multiple of ``chunk`` with masked steps and splits it into chunks."""
-    steps, batch = x.shape[:2]
-    n = -(-steps // chunk)
-    if mask is None:
-        mask = jnp.ones((steps, batch), bool)
-
-    def split(v):
-        return None if v is None else _time_chunks(v, n, chunk, steps)
-
-    return split(x), split(mask), jax.tree_util.tree_map(split, masks), steps
+    """:func:`_chunked`, and the per-step masks split into the same chunks."""
+    x_c, mask_c, steps = _chunked(x, mask, chunk)
+    masks_c = jax.tree_util.tree_map(
+        lambda v: _time_chunks(v, x_c.shape[0], chunk, steps), masks
+    )
+    return x_c, mask_c, masks_c, steps
 
 
 def _variant_inputs(x, in_params, acc, precision):
