@@ -118,37 +118,23 @@ def cell_update(z: Array, c: Array) -> tuple[Array, Array, Array]:
     return c_new, o * jnp.tanh(c_new), acts
 
 
-def cell_grad_factors(acts: Array, c_prev: Array, c_new: Array) -> tuple[Array, Array]:
-    """What the backward pass of a step needs, formed in the forward pass: ``(q, s)``.
+def cell_update_grad(acts: Array, c_prev: Array, dr: Array, dc: Array) -> tuple[Array, Array]:
+    """The backward of :func:`cell_update`: from ``dr = dL/d(o tanh c_t)`` and ``dc = dL/dc_t``.
 
-    With ``dc~ = dc + dr * o * (1 - tanh(c_t)^2)``, the backward of :func:`cell_update` is::
+    Recomputes ``tanh(c_t)`` from the saved activations and ``c_{t-1}`` (cheaper to store
+    than c_t as well)::
 
-        dz       = [dc~, dc~, dc~, dr] * q,   q = [g, c_{t-1}, i, tanh(c_t)] * d act / d z
+        dc~  = dc + dr * o * (1 - tanh(c_t)^2)
+        dz   = [dc~ * g, dc~ * c_{t-1}, dc~ * i, dr * tanh(c_t)] * d act / d z
         dc_{t-1} = dc~ * f
 
-    so the forward pass saves ``q: (..., 4H)`` and ``s = [o * (1 - tanh(c_t)^2), f]:
-    (..., 2H)`` and the backward step is a few multiply-adds with no transcendental and no
-    gathering of gate slices (on CPU at batch 1 each separate elementwise kernel of the
-    backward step cost about half a microsecond).
+    Returns ``(dz: (..., 4H), dc_{t-1})``.
     """
     i, f, g, o = jnp.split(acts, 4, axis=-1)
-    tanh_c = jnp.tanh(c_new)
-    q = jnp.concatenate([g, c_prev, i, tanh_c], axis=-1) * activated_gates_grad(acts)
-    return q, jnp.concatenate([o * (1.0 - tanh_c * tanh_c), f], axis=-1)
-
-
-def cell_update_grad(q: Array, s: Array, dr: Array, dc: Array) -> tuple[Array, Array]:
-    """The backward of :func:`cell_update` from the factors of :func:`cell_grad_factors`.
-
-    ``dr = dL/d(o tanh c_t)``, ``dc = dL/dc_t``; returns ``(dz: (..., 4H), dc_{t-1})``.
-    """
-    s_c, f = jnp.split(s, 2, axis=-1)
-    dc_total = dc + dr * s_c
-    # [dc~, dc~, dc~, dr] as a (..., 4, H) stack times q viewed so: measured faster on CPU than
-    # a concatenate or a select over broadcasts.
-    blocks = jnp.stack([dc_total, dc_total, dc_total, dr], axis=-2)
-    dz = (blocks * q.reshape(blocks.shape)).reshape(q.shape)
-    return dz, dc_total * f
+    tanh_c = jnp.tanh(f * c_prev + i * g)
+    dc_total = dc + dr * o * (1.0 - tanh_c * tanh_c)
+    dact = jnp.concatenate([dc_total * g, dc_total * c_prev, dc_total * i, dr * tanh_c], axis=-1)
+    return dact * activated_gates_grad(acts), dc_total * f
 
 
 def project(r: Array, w_hr: Array | None, dtype, acc_dtype, precision=None) -> Array:

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 
 from lstm_jax._cell import (
-    cell_grad_factors,
     cell_update,
     cell_update_grad,
     input_affine,
@@ -41,11 +40,10 @@ Array = jax.Array
 
 
 def _forward_step(w_hh, w_hr, b, precision, save, carry, inputs):
-    """One step; returns the new carry and ``(y_t, q_t, s_t, r_t)``.
+    """One step; returns the new carry and (y_t, gate activations, c_{t-1}).
 
-    ``q_t, s_t`` are the backward factors of :func:`cell_grad_factors`; ``r_t = o tanh(c_t)``
-    (for ``dW_hr``) only with a projection. Without ``save`` (no gradient will be taken) the
-    residuals are not emitted: writing them costs about a tenth of the forward pass on CPU. The bias is added here, inside the step's
+    Without ``save`` (no gradient will be taken) the residuals are not emitted: writing them
+    costs about a tenth of the forward pass on CPU. The bias is added here, inside the step's
     elementwise pass, rather than over all of ``xw`` before the loop (one pass over a
     ``(T, B, 4H)`` array less).
     """
@@ -57,18 +55,14 @@ def _forward_step(w_hh, w_hr, b, precision, save, carry, inputs):
     z = a_t + matmul(h, w_hh, acc, precision)
     c_new, r, acts = cell_update(z, c)
     h_new = project(r, w_hr, h.dtype, acc, precision)
-    if save:
-        r_saved = None if w_hr is None else r.astype(w_hr.dtype)
-        res = cell_grad_factors(acts, c, c_new) + (r_saved,)
-    else:
-        res = (None, None, None)
+    acts, c_saved = (acts, c) if save else (None, None)
     if m_t is None:
-        return (h_new, c_new), (h_new,) + res
+        return (h_new, c_new), (h_new, acts, c_saved)
     valid = m_t[:, None]
     # Past a sequence's end the state is carried unchanged and the output is zero
     # (torch's packed-sequence behaviour).
     carry = (jnp.where(valid, h_new, h), jnp.where(valid, c_new, c))
-    return carry, (jnp.where(valid, h_new, jnp.zeros_like(h_new)),) + res
+    return carry, (jnp.where(valid, h_new, jnp.zeros_like(h_new)), acts, c_saved)
 
 
 def _backward_step(w_hh_t, w_hr_t, precision, carry, inputs):
@@ -79,14 +73,14 @@ def _backward_step(w_hh_t, w_hr_t, precision, carry, inputs):
     CPU, which dominates the step at small batch.
     """
     dh, dc = carry
-    dy_t, q_t, s_t, m_t = inputs
+    dy_t, acts, c_prev, m_t = inputs
     acc = dc.dtype
     dh_total = dh + dy_t.astype(acc)
     if w_hr_t is None:
         dr = dh_total
     else:
         dr = matmul(dh_total.astype(w_hr_t.dtype), w_hr_t, acc, precision)
-    dz, dc_prev = cell_update_grad(q_t, s_t, dr, dc)
+    dz, dc_prev = cell_update_grad(acts, c_prev, dr, dc)
     dh_prev = matmul(dz.astype(w_hh_t.dtype), w_hh_t, acc, precision)
     if m_t is not None:
         valid = m_t[:, None]
@@ -112,39 +106,41 @@ def _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision, save=True):
     if not (save and in_place_residuals()):
         return jax.lax.scan(step, (h0, c0), (xw, mask), unroll=unroll)
 
-    # Step t's backward factor q_t overwrites xw[t] (read only by step t): the (T, B, 4H)
-    # array of q needs no buffer of its own, nor its zero-fill and fresh pages.
+    # Step t's gate activations overwrite xw[t] (read only by step t): the (T, B, 4H) array of
+    # activations needs no buffer of its own, nor its zero-fill and fresh pages.
     def in_place(carry, inputs):
         state, buf = carry
         t, m_t = inputs
         xw_t = jax.lax.dynamic_index_in_dim(buf, t, 0, keepdims=False)
-        state, (y_t, q_t, s_t, r_t) = step(state, (xw_t, m_t))
-        buf = jax.lax.dynamic_update_index_in_dim(buf, q_t.astype(buf.dtype), t, 0)
-        return (state, buf), (y_t, s_t, r_t)
+        state, (y_t, acts_t, c_prev_t) = step(state, (xw_t, m_t))
+        buf = jax.lax.dynamic_update_index_in_dim(buf, acts_t.astype(buf.dtype), t, 0)
+        return (state, buf), (y_t, c_prev_t)
 
     steps = jnp.arange(xw.shape[0], dtype=jnp.int32)
-    (state, q), (ys, s, r) = jax.lax.scan(in_place, ((h0, c0), xw), (steps, mask),
-                                          unroll=unroll)
-    return state, (ys, q, s, r)
+    (state, acts), (ys, c_prev) = jax.lax.scan(in_place, ((h0, c0), xw), (steps, mask),
+                                               unroll=unroll)
+    return state, (ys, acts, c_prev)
 
 
 def _transposed(w):
     return None if w is None else jnp.transpose(w)
 
 
-def _run_backward(w_hh, w_hr, carry, dys, q, s, mask, unroll, precision):
+def _run_backward(w_hh, w_hr, carry, dys, acts, c_prev, mask, unroll, precision):
     step = functools.partial(_backward_step, _transposed(w_hh), _transposed(w_hr), precision)
-    return jax.lax.scan(step, carry, (dys, q, s, mask), reverse=True, unroll=unroll)
+    return jax.lax.scan(step, carry, (dys, acts, c_prev, mask), reverse=True, unroll=unroll)
 
 
-def _weight_grads(w_hh, w_hr, h0, ys, r, dz, dh_total, acc, precision):
+def _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc, precision):
     """dW_hh and dW_hr as single products over all (t, b) of a span of steps."""
     # h_{t-1} is y_{t-1}: valid wherever dz is non-zero (masked steps have dz = 0).
     h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
     dw_hh = summed_outer(h_prev, dz, acc, precision)
     dw_hr = None
     if w_hr is not None:
-        dw_hr = summed_outer(r.astype(w_hr.dtype), dh_total, acc, precision)
+        i, f, g, o = jnp.split(acts, 4, axis=-1)
+        r = (o * jnp.tanh(f * c_prev + i * g)).astype(w_hr.dtype)
+        dw_hr = summed_outer(r, dh_total, acc, precision)
     return dw_hh, dw_hr
 
 
@@ -156,25 +152,25 @@ def recurrence(unroll, precision, xw, w_hh, w_hr, h0, c0, mask, b=None):
     at each step. ``h0`` has the compute dtype, ``c0``, ``xw`` and ``b`` the accumulation
     dtype. For long sequences see :func:`remat_recurrence`.
     """
-    (h, c), (ys, *_) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision,
+    (h, c), (ys, _, _) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision,
                                       save=False)
     return ys, (h, c)
 
 
 def _recurrence_fwd(unroll, precision, xw, w_hh, w_hr, h0, c0, mask, b):
-    (h, c), (ys, q, s, r) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision)
-    return (ys, (h, c)), (w_hh, w_hr, b, h0, c0, mask, ys, q, s, r)
+    (h, c), (ys, acts, c_prev) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision)
+    return (ys, (h, c)), (w_hh, w_hr, b, h0, c0, mask, ys, acts, c_prev)
 
 
 def _recurrence_bwd(unroll, precision, residuals, cotangents):
-    w_hh, w_hr, b, h0, c0, mask, ys, q, s, r = residuals
+    w_hh, w_hr, b, h0, c0, mask, ys, acts, c_prev = residuals
     dys, (dh_T, dc_T) = cotangents
     acc = c0.dtype
     carry = (dh_T.astype(acc), dc_T.astype(acc))
     (dh0, dc0), (dz, dh_total) = _run_backward(
-        w_hh, w_hr, carry, dys, q, s, mask, unroll, precision
+        w_hh, w_hr, carry, dys, acts, c_prev, mask, unroll, precision
     )
-    dw_hh, dw_hr = _weight_grads(w_hh, w_hr, h0, ys, r, dz, dh_total, acc, precision)
+    dw_hh, dw_hr = _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc, precision)
     # Masked steps have dz = 0, so they add nothing to the bias gradient.
     db = None if b is None else jnp.sum(dz, axis=(0, 1)).astype(b.dtype)
     return (
@@ -219,7 +215,7 @@ def remat_recurrence(unroll, precision, chunk, x, w_ih, w_hh, w_hr, h0, c0, mask
     """
     acc = c0.dtype
     xw = matmul(x, w_ih, acc, precision)
-    (h, c), (ys, *_) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision,
+    (h, c), (ys, _, _) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision,
                                       save=False)
     return ys, (h, c)
 
@@ -231,7 +227,7 @@ def _remat_fwd(unroll, precision, chunk, x, w_ih, w_hh, w_hr, h0, c0, mask, b):
     def chunk_step(carry, inputs):
         x_k, m_k = inputs
         xw_k = matmul(x_k, w_ih, acc, precision)
-        new_carry, (ys_k, *_) = _run_forward(xw_k, b, w_hh, w_hr, *carry, m_k, unroll,
+        new_carry, (ys_k, _, _) = _run_forward(xw_k, b, w_hh, w_hr, *carry, m_k, unroll,
                                                precision, save=False)
         return new_carry, (ys_k, carry)
 
@@ -251,12 +247,12 @@ def _remat_bwd(unroll, precision, chunk, residuals, cotangents):
         state, sums = carry
         x_k, m_k, dys_k, (h_k, c_k) = inputs
         xw_k = matmul(x_k, w_ih, acc, precision)
-        _, (ys_k, q_k, s_k, r_k) = _run_forward(xw_k, b, w_hh, w_hr, h_k, c_k, m_k, unroll,
-                                                precision)
-        state, (dz_k, dh_total_k) = _run_backward(w_hh, w_hr, state, dys_k, q_k, s_k, m_k,
-                                                  unroll, precision)
-        dw_hh_k, dw_hr_k = _weight_grads(w_hh, w_hr, h_k, ys_k, r_k, dz_k, dh_total_k, acc,
-                                         precision)
+        _, (ys_k, acts_k, c_prev_k) = _run_forward(xw_k, b, w_hh, w_hr, h_k, c_k, m_k, unroll,
+                                                   precision)
+        state, (dz_k, dh_total_k) = _run_backward(w_hh, w_hr, state, dys_k, acts_k, c_prev_k,
+                                                  m_k, unroll, precision)
+        dw_hh_k, dw_hr_k = _weight_grads(w_hh, w_hr, h_k, ys_k, acts_k, c_prev_k, dz_k,
+                                         dh_total_k, acc, precision)
         dz_w = dz_k.astype(w_ih.dtype)
         dx_k = matmul(dz_w, jnp.transpose(w_ih), acc, precision)
         dw_ih_k = summed_outer(x_k, dz_w, acc, precision)
@@ -292,7 +288,7 @@ remat_recurrence.defvjp(_remat_fwd, _remat_bwd)
 
 def recurrence_autodiff(unroll, precision, xw, w_hh, w_hr, h0, c0, mask, b=None):
     """The same loop differentiated by JAX's own autodiff (a reference for tests and benchmarks)."""
-    (h, c), (ys, *_) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision,
+    (h, c), (ys, _, _) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision,
                                       save=False)
     return ys, (h, c)
 

@@ -194,9 +194,7 @@ def test_gate_and_state_order_are_pinned():
 def test_fused_gate_activations_equal_sigmoid_and_tanh_and_their_derivatives():
     """One scaled tanh over the (B, 4H) row is sigmoid on i, f, o and tanh on g; its
     derivative from the activations is a(1-a) and 1-a^2 (compared in float64 with NumPy)."""
-    from lstm_jax._cell import (
-        activate_gates, activated_gates_grad, cell_grad_factors, cell_update_grad,
-    )
+    from lstm_jax._cell import activate_gates, activated_gates_grad, cell_update_grad
 
     with jax.enable_x64(True):
         hidden = 3
@@ -217,8 +215,7 @@ def test_fused_gate_activations_equal_sigmoid_and_tanh_and_their_derivatives():
         np.testing.assert_allclose(np.asarray(activated_gates_grad(jnp.asarray(acts))),
                                    d_expected, rtol=1e-12, atol=1e-15)
 
-        # cell_update_grad, from the forward's factors, is the vector-Jacobian product of
-        # cell_update.
+        # cell_update_grad is the vector-Jacobian product of cell_update.
         rng = np.random.default_rng(1)
         c_prev, dr, dc = (jnp.asarray(rng.normal(size=(2, hidden))) for _ in range(3))
 
@@ -228,9 +225,7 @@ def test_fused_gate_activations_equal_sigmoid_and_tanh_and_their_derivatives():
 
         _, vjp = jax.vjp(update, jnp.asarray(z), c_prev)
         dz_ad, dc_prev_ad = vjp((dr, dc))
-        c_new, _, _ = lstm_jax._cell.cell_update(jnp.asarray(z), c_prev)
-        q, s = cell_grad_factors(jnp.asarray(acts), c_prev, c_new)
-        dz, dc_prev = cell_update_grad(q, s, dr, dc)
+        dz, dc_prev = cell_update_grad(jnp.asarray(acts), c_prev, dr, dc)
         np.testing.assert_allclose(dz, dz_ad, rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(dc_prev, dc_prev_ad, rtol=1e-12, atol=1e-15)
 
