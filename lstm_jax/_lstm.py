@@ -17,7 +17,7 @@ from lstm_jax._cell import (
     recurrent_mask,
 )
 from lstm_jax._params import LSTMParams, LSTMState
-from lstm_jax.kernels import choose_backend, cudnn_lstm, pallas_recurrence
+from lstm_jax.kernels import choose_backend, cudnn_lstm, pallas_product, pallas_recurrence
 from lstm_jax._recurrence import (
     recurrence,
     recurrence_autodiff,
@@ -262,7 +262,8 @@ def lstm(
     # chunks, so that no (T, B, 4H) array is kept: the loop takes the layer input and w_ih.
     project = not (remat and custom_grad and chosen == "scan")
     if chosen == "pallas":
-        loop = functools.partial(pallas_recurrence, precision=precision)
+        loop = functools.partial(pallas_recurrence, precision=precision,
+                                 product=pallas_product(batch=B, hidden=H))
     elif not project:
         loop = functools.partial(remat_recurrence, unroll, precision, remat_chunk(T))
     elif custom_grad:

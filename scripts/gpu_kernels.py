@@ -42,7 +42,7 @@ import numpy as np
 import lstm_jax
 from lstm_jax._recurrence import recurrence
 from lstm_jax.kernels import cudnn_lstm, pallas_recurrence
-from lstm_jax.kernels.pallas_lstm import fits_on_chip
+from lstm_jax.kernels.pallas_lstm import fits_on_chip, fma_fits
 
 T0 = time.perf_counter()
 LINES: list[str] = []
@@ -102,8 +102,10 @@ def check_pallas(cases, interpret):
     banner("a. Pallas kernel against the scan recurrence")
     say("| B,T,H | dtype | lengths | precision | ys | h_T | c_T | d xw | d W_hh | d h0 | d c0 | ok |")
     say("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for B, T, H, dtype, masked, precision, tol in cases:
-        label = f"{B},{T},{H} | {jnp.dtype(dtype).name} | {'yes' if masked else 'no'} | {precision}"
+    for B, T, H, dtype, masked, precision, tol, *product in cases:
+        product = product[0] if product else "mma"
+        label = (f"{B},{T},{H} | {jnp.dtype(dtype).name}{' fma' if product == 'fma' else ''} | "
+                 f"{'yes' if masked else 'no'} | {precision}")
         try:
             xw, w_hh, h0, c0, lengths = _recurrence_problem(B, T, H, dtype)
             mask = (jnp.arange(T)[:, None] < lengths[None, :]) if masked else None
@@ -112,7 +114,8 @@ def check_pallas(cases, interpret):
                 xw, w_hh, h0, c0)
             got = _outputs_and_grads(
                 lambda *a: pallas_recurrence(a[0], a[1], None, a[2], a[3], mask,
-                                             interpret=interpret, precision=precision),
+                                             interpret=interpret, precision=precision,
+                                             product=product),
                 xw, w_hh, h0, c0)
             errs = [rel_err(g, r) for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
             ok = all(e < tol for e in errs) and all(np.isfinite(errs))
@@ -182,7 +185,7 @@ def check_cudnn(interpret):
 # ----------------------------------------------------------------------------- c. timings
 
 
-def pallas_layer(params, x, *, dtype, interpret, num_warps=None):
+def pallas_layer(params, x, *, dtype, interpret, num_warps=None, product="mma"):
     """One Pallas layer as lstm() would run it: hoisted input product, then the kernel."""
     p = params.layers[0][0]
     xt = jnp.swapaxes(x, 0, 1).astype(dtype)
@@ -191,7 +194,7 @@ def pallas_layer(params, x, *, dtype, interpret, num_warps=None):
     h0 = jnp.zeros((B, H), dtype)
     c0 = jnp.zeros((B, H), jnp.float32)
     ys, _ = pallas_recurrence(xw, p.w_hh.astype(dtype), None, h0, c0, None,
-                              interpret=interpret, num_warps=num_warps)
+                              interpret=interpret, num_warps=num_warps, product=product)
     return jnp.swapaxes(ys, 0, 1).astype(x.dtype)
 
 
@@ -267,6 +270,10 @@ def time_all(shapes, interpret, budget_end):
                 p, x, dtype=d, interpret=interpret)))
         else:
             notes[(shape, "pallas")] = "W_hh does not fit on chip even in bfloat16"
+        if fma_fits(H):  # W_hh in registers (product="fma"), in both precisions
+            for d in (jnp.float32, jnp.bfloat16):
+                impls.append((f"pallas-fma {jnp.dtype(d).name}", lambda p, x, d=d: pallas_layer(
+                    p, x, dtype=d, interpret=interpret, product="fma")))
         if not interpret:
             impls.append(("cudnn", lambda p, x: cudnn_lstm(p, x)[0]))
         for name, apply in impls:
@@ -297,7 +304,8 @@ def time_all(shapes, interpret, budget_end):
 def render_timings(shapes, results, notes):
     say()
     impl_names = sorted({k[1] for k in results} | {k[1] for k in notes},
-                        key=lambda n: ("scan", "pallas", "cudnn", "torch").index(n.split()[0]))
+                        key=lambda n: (("scan", "pallas", "cudnn", "torch").index(
+                            n.split()[0].split("-")[0]), n))
     jax_names = [n for n in impl_names if not n.startswith("torch")]
     say("| B,T,D,H | mode | " + " | ".join(impl_names)
         + " | best lstm_jax / torch best | us/step (best lstm_jax) |")
@@ -336,15 +344,17 @@ def render_timings(shapes, results, notes):
         row = {}
         for n in jax_names:
             v = results.get((shape, n, "fwdbwd"))
-            if v is not None:
-                row[n.split()[0]] = round(v / ref, 2)
+            if v is not None:  # the faster precision of each backend
+                name = n.split()[0]
+                row[name] = min(row.get(name, float("inf")), round(v / ref, 2))
         say(f"    {tuple(shape)}: {row},")
     say("```")
 
 
 def num_warps_sweep(cases, interpret, budget_end):
     banner("Pallas num_warps sweep (fwd+bwd ms)")
-    for shape, dtype in cases:
+    for shape, dtype, *product in cases:
+        product = product[0] if product else "mma"
         B, T, D, H = shape
         params = lstm_jax.init_lstm(jax.random.key(0), D, H, init="pytorch")
         x = jax.random.normal(jax.random.key(1), (B, T, D))
@@ -354,10 +364,10 @@ def num_warps_sweep(cases, interpret, budget_end):
                 return
             try:
                 apply = lambda p, x, nw=nw: pallas_layer(
-                    p, x, dtype=dtype, interpret=interpret, num_warps=nw)
+                    p, x, dtype=dtype, interpret=interpret, num_warps=nw, product=product)
                 timers, _ = jax_timers(apply, params, x)
                 ms = _time(timers["fwdbwd"], 0.3)
-                say(f"{shape} {jnp.dtype(dtype).name} num_warps={nw}: {ms:.3f} ms")
+                say(f"{shape} {jnp.dtype(dtype).name} {product} num_warps={nw}: {ms:.3f} ms")
             except Exception:
                 failed(f"sweep {shape} num_warps={nw}")
 
@@ -389,7 +399,8 @@ def main(argv=None) -> int:
 
     if interp:
         check_cases = [(1, 6, 8, jnp.float32, False, "highest", 1e-4),
-                       (3, 5, 20, jnp.float32, True, "highest", 1e-4)]
+                       (3, 5, 20, jnp.float32, True, "highest", 1e-4),
+                       (3, 5, 20, jnp.float32, True, "highest", 1e-4, "fma")]
         shapes = [(1, 6, 4, 8), (3, 5, 4, 16)]
         sweep = []
     else:
@@ -402,9 +413,13 @@ def main(argv=None) -> int:
             (16, 500, 128, bf16, False, None, 5e-2),
             (16, 500, 128, bf16, True, None, 5e-2),
             (1, 500, 64, bf16, False, None, 5e-2),
+            (1, 500, 64, f32, False, "highest", 1e-4, "fma"),
+            (3, 37, 40, f32, True, "highest", 1e-4, "fma"),
+            (1, 500, 64, bf16, False, None, 5e-2, "fma"),
         ]
         shapes = [(1, 500, 64, 64), (16, 500, 128, 128), (8, 1000, 128, 256), (64, 100, 256, 256)]
-        sweep = [((1, 500, 64, 64), f32), ((16, 500, 128, 128), bf16), ((1, 500, 64, 64), bf16)]
+        sweep = [((1, 500, 64, 64), f32, "fma"), ((1, 500, 64, 64), f32),
+                 ((16, 500, 128, 128), bf16), ((1, 500, 64, 64), bf16)]
     try:
         check_pallas(check_cases, interp)
     except Exception:

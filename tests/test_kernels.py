@@ -68,6 +68,31 @@ def test_pallas_matches_scan_forward_and_gradients(hidden, masked):
         np.testing.assert_allclose(np.asarray(h[1]), np.asarray(out_ref[0][1, 1]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("block_b", [1, 2])
+def test_pallas_fma_products_match_scan(block_b):
+    # product="fma": W_hh in registers, a multiply and a sum per row, tiles of 1 or 2 rows
+    # (no padding of the batch to 16). Lengths included: sequence 1 stops after 2 steps.
+    xw, w_hh, h0, c0 = _problem(8, seed=4)
+    scan = lambda *a: recurrence(1, "highest", a[0], a[1], None, a[2], a[3], MASK)
+    kern = lambda *a: pallas_recurrence(a[0], a[1], None, a[2], a[3], MASK, interpret=True,
+                                        product="fma", block_b=block_b)
+    (l_ref, out_ref), g_ref = _loss_and_grads(scan, xw, w_hh, h0, c0)
+    (l_k, out_k), g_k = _loss_and_grads(kern, xw, w_hh, h0, c0)
+    for a, b in zip(out_ref + g_ref, out_k + g_k):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_fma_refuses_large_hidden_and_bad_product():
+    xw, w_hh, h0, c0 = _problem(128)
+    with pytest.raises(ValueError, match="registers"):
+        pallas_recurrence(xw, w_hh, None, h0, c0, None, interpret=True, product="fma")
+    small = _problem(8)
+    with pytest.raises(ValueError, match="product"):
+        pallas_recurrence(small[0], small[1], None, small[2], small[3], None, interpret=True,
+                          product="wmma")
+    assert pallas_lstm.fma_fits(64) and pallas_lstm.fma_fits(40) and not pallas_lstm.fma_fits(65)
+
+
 def test_pallas_vmapped_over_directions():
     # lstm() runs both directions as one vmapped call; the kernel must batch the same way.
     probs = [_problem(8, seed=s) for s in (1, 2)]
@@ -102,15 +127,19 @@ def test_pallas_rejects_projection_and_bad_tiles():
         pallas_recurrence(big[0], big[1], None, big[2], big[3], None)
 
 
-@pytest.mark.parametrize("hidden,dtype", [(64, jnp.float32), (128, jnp.bfloat16), (40, jnp.float32)])
-def test_pallas_lowers_to_triton_for_cuda(hidden, dtype):
+@pytest.mark.parametrize(
+    "hidden,dtype,product",
+    [(64, jnp.float32, "mma"), (128, jnp.bfloat16, "mma"), (40, jnp.float32, "mma"),
+     (64, jnp.float32, "fma"), (64, jnp.bfloat16, "fma")],
+)
+def test_pallas_lowers_to_triton_for_cuda(hidden, dtype, product):
     # Cross-lowering from this CPU runs the real Pallas->Triton lowering of both kernels
     # (power-of-two shapes, supported primitives, dot sizes): what interpret mode cannot check.
     xw, w_hh, h0, c0 = _problem(hidden, dtype=dtype)
     mask = MASK
 
     def grads(xw, w_hh, h0, c0):
-        run = lambda *a: pallas_recurrence(a[0], a[1], None, a[2], a[3], mask)
+        run = lambda *a: pallas_recurrence(a[0], a[1], None, a[2], a[3], mask, product=product)
         return jax.grad(lambda *a: jnp.sum(run(*a)[0].astype(jnp.float32)), argnums=(0, 1))(
             xw, w_hh, h0, c0)
 
@@ -219,6 +248,20 @@ def test_auto_on_gpu_follows_the_measurements(monkeypatch):
     assert pick(batch=1, hidden=64, has_variants=True) == "scan"
     assert pick(batch=1, hidden=64, custom_grad=False) == "scan"
     assert choose_backend("auto", platform="gpu", table={}, batch=1, hidden=64) == "scan"
+
+
+def test_pallas_product_follows_the_measurements():
+    table = {(1, 500, 64, 64): {"scan": 2.9, "pallas": 1.8, "pallas-fma": 0.9},
+             (16, 500, 128, 128): {"scan": 1.5, "pallas": 0.9}}
+    assert select.pallas_product(batch=1, hidden=64, table=table) == "fma"
+    # fma keeps W_hh in registers only up to H=64; at H=128 the tensor-core kernel runs.
+    assert select.pallas_product(batch=16, hidden=128, table=table) == "mma"
+    assert select.pallas_product(batch=1, hidden=64, table={}) == "mma"
+    # auto counts the faster applicable Pallas variant as Pallas' time.
+    table[(1, 500, 64, 64)] = {"scan": 1.2, "pallas": 1.8, "pallas-fma": 0.9}
+    assert choose_backend("auto", platform="gpu", batch=1, hidden=64, table=table) == "pallas"
+    # Until the fma kernel is measured on a GPU, the default table keeps the measured one.
+    assert select.pallas_product(batch=1, hidden=64) == "mma"
 
 
 def test_default_table_follows_the_h100_measurements():

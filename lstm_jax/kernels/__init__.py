@@ -4,7 +4,9 @@
   Triton; any platform with ``interpret=True``), same contract as the scan recurrence.
 * :func:`cudnn_lstm`: the whole stack through ``jax.experimental.rnn`` (cuDNN; GPU, float32,
   no projection).
-* :func:`choose_backend`: picks ``"scan"``, ``"pallas"`` or ``"cudnn"`` per platform and shape.
+* :func:`choose_backend`: picks ``"scan"``, ``"pallas"`` or ``"cudnn"`` per platform and shape;
+  :func:`pallas_product` picks the kernel's tensor-core (``"mma"``) or register (``"fma"``)
+  products.
 """
 
 from lstm_jax.kernels.cudnn import cudnn_lstm as cudnn_lstm
@@ -13,12 +15,14 @@ from lstm_jax.kernels.pallas_lstm import fits_on_chip as fits_on_chip
 from lstm_jax.kernels.pallas_lstm import pallas_recurrence as pallas_recurrence
 from lstm_jax.kernels.select import BACKENDS as BACKENDS
 from lstm_jax.kernels.select import choose_backend as choose_backend
+from lstm_jax.kernels.select import pallas_product as pallas_product
 
 __all__ = [
     "BACKENDS",
     "choose_backend",
     "cudnn_lstm",
     "fits_on_chip",
+    "pallas_product",
     "pallas_recurrence",
     "to_cudnn_weights",
 ]

@@ -69,6 +69,18 @@ def fits_on_chip(hidden: int, dtype=jnp.float32) -> bool:
     return recurrent_weight_bytes(hidden, dtype) <= MAX_WEIGHT_BYTES
 
 
+# fma products keep the whole (padded) W_hh in registers: at most this many elements, i.e.
+# 64 per thread at 8 warps (H <= 64). Larger weights would spill.
+FMA_MAX_WEIGHT_ELEMENTS = 64 * 4 * 64
+PRODUCTS = ("mma", "fma")
+
+
+def fma_fits(hidden: int) -> bool:
+    """Whether the fma products (W_hh in registers) apply at this hidden size."""
+    hp = padded_hidden(hidden)
+    return hp * 4 * hp <= FMA_MAX_WEIGHT_ELEMENTS
+
+
 def default_num_warps(hidden: int) -> int:
     return 4 if padded_hidden(hidden) <= 32 else 8
 
@@ -104,8 +116,22 @@ def _gate(ref, t, g, hp):
     return ref[t, :, pl.ds(g * hp, hp)]
 
 
+def _rows_times(a, w, fma, precision):
+    """``a @ w`` for a ``(rows, K)`` tile and a ``(K, N)`` block, summed in float32.
+
+    ``fma``: a broadcast multiply and a sum over K, for tiles of very few rows. No tensor-core
+    product (which needs 16 rows, so one sequence pays for 16), and ``w`` is used only by
+    elementwise code, which lets Triton keep it in registers across the time loop instead of
+    re-reading it from shared memory at each step.
+    """
+    f32 = jnp.float32
+    if fma:
+        return jnp.sum(a.astype(f32)[:, :, None] * w.astype(f32)[None, :, :], axis=1)
+    return jnp.dot(a.astype(w.dtype), w, precision=precision, preferred_element_type=f32)
+
+
 def _forward_kernel(xw_ref, m_ref, w_ref, h0_ref, c0_ref, *out_refs,
-                    steps, hp, precision, save):
+                    steps, hp, precision, save, fma):
     if save:
         ys_ref, h_ref, c_ref, acts_ref, cprev_ref = out_refs
     else:
@@ -123,8 +149,7 @@ def _forward_kernel(xw_ref, m_ref, w_ref, h0_ref, c0_ref, *out_refs,
         # Prefetch the next step's inputs: their latency hides behind this step's work.
         nxt = load_step(jnp.minimum(t + 1, steps - 1))
         hw = h.astype(w[0].dtype)
-        z = [xs[g] + jnp.dot(hw, w[g], precision=precision, preferred_element_type=f32)
-             for g in range(4)]
+        z = [xs[g] + _rows_times(hw, w[g], fma, precision) for g in range(4)]
         i, f, o = jax.nn.sigmoid(z[0]), jax.nn.sigmoid(z[1]), jax.nn.sigmoid(z[3])
         g = jnp.tanh(z[2])
         c_new = f * c + i * g
@@ -145,7 +170,7 @@ def _forward_kernel(xw_ref, m_ref, w_ref, h0_ref, c0_ref, *out_refs,
 
 
 def _backward_kernel(dys_ref, acts_ref, cprev_ref, m_ref, wt_ref, dh_ref, dc_ref,
-                     dz_ref, dh0_ref, dc0_ref, *, steps, hp, precision):
+                     dz_ref, dh0_ref, dc0_ref, *, steps, hp, precision, fma):
     f32 = jnp.float32
 
     def load_step(t):
@@ -172,11 +197,9 @@ def _backward_kernel(dys_ref, acts_ref, cprev_ref, m_ref, wt_ref, dh_ref, dc_ref
         dz = [jnp.where(valid, d, jnp.zeros_like(d)) for d in dz]
         for k in range(4):
             dz_ref[t, :, pl.ds(k * hp, hp)] = dz[k].astype(dz_ref.dtype)
-        dh_prev = jnp.dot(dz[0].astype(wt[0].dtype), wt[0], precision=precision,
-                          preferred_element_type=f32)
+        dh_prev = _rows_times(dz[0].astype(wt[0].dtype), wt[0], fma, precision)
         for k in range(1, 4):
-            dh_prev = dh_prev + jnp.dot(dz[k].astype(wt[k].dtype), wt[k],
-                                        precision=precision, preferred_element_type=f32)
+            dh_prev = dh_prev + _rows_times(dz[k].astype(wt[k].dtype), wt[k], fma, precision)
         dc_prev = dc_total * f
         return jnp.where(valid, dh_prev, dh), jnp.where(valid, dc_prev, dc), nxt
 
@@ -225,7 +248,7 @@ def _float_mask(mask, steps, batch, bp):
 
 
 def _run_forward(config, xw, w_hh, h0, c0, mask, save):
-    interpret, precision, block_b, num_warps = config
+    interpret, precision, block_b, num_warps, fma = config
     steps, batch, hidden, hp, bp = _geometry(xw, w_hh, block_b)
     f32 = jnp.float32
     xw_p = _pad(_pad_gates(xw, hidden, hp), (0, bp - batch, 0))
@@ -248,7 +271,7 @@ def _run_forward(config, xw, w_hh, h0, c0, mask, save):
                       jax.ShapeDtypeStruct((steps, bp, hp), f32)]
         out_specs += [seq(4 * hp), seq(hp)]
     kernel = functools.partial(_forward_kernel, steps=steps, hp=hp, precision=precision,
-                               save=save)
+                               save=save, fma=fma)
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -274,7 +297,7 @@ def _run_forward(config, xw, w_hh, h0, c0, mask, save):
 
 
 def _run_backward(config, w_hh, acts_p, cprev_p, m_p, dys, dh_T, dc_T):
-    interpret, precision, block_b, num_warps = config
+    interpret, precision, block_b, num_warps, fma = config
     steps, bp, four_hp = acts_p.shape
     hp = four_hp // 4
     batch, hidden = dh_T.shape
@@ -288,7 +311,8 @@ def _run_backward(config, w_hh, acts_p, cprev_p, m_p, dys, dh_T, dc_T):
 
     seq = lambda last: pl.BlockSpec((steps, block_b, last), lambda b: (0, b, 0))
     state = pl.BlockSpec((block_b, hp), lambda b: (b, 0))
-    kernel = functools.partial(_backward_kernel, steps=steps, hp=hp, precision=precision)
+    kernel = functools.partial(_backward_kernel, steps=steps, hp=hp, precision=precision,
+                               fma=fma)
     dz_p, dh0_p, dc0_p = pl.pallas_call(
         kernel,
         out_shape=[
@@ -302,7 +326,7 @@ def _run_backward(config, w_hh, acts_p, cprev_p, m_p, dys, dh_T, dc_T):
             seq(4 * hp),
             seq(hp),
             pl.BlockSpec((steps, block_b), lambda b: (0, b)),
-            pl.BlockSpec((4 * hp, hp), lambda b: (0, 0)),
+            pl.BlockSpec(wt_p.shape, lambda b: (0, 0)),
             state,
             state,
         ],
@@ -361,8 +385,9 @@ def pallas_recurrence(
     *,
     interpret: bool = False,
     precision=None,
-    block_b: int = MIN_TILE,
+    block_b: int | None = None,
     num_warps: int | None = None,
+    product: str = "mma",
 ) -> tuple[Array, tuple[Array, Array]]:
     """One LSTM layer over time in one Pallas kernel: ``xw: (T, B, 4H)`` -> ``(ys, (h_T, c_T))``.
 
@@ -385,8 +410,14 @@ def pallas_recurrence(
       b: ``(4H,)`` bias added to ``xw`` (float32), or None.
       interpret: run the kernel with Pallas' interpreter (any platform; slow, for tests).
       precision: ``jax.lax.Precision`` of the in-kernel products (``"highest"`` avoids TF32).
-      block_b: batch rows per program (a multiple of 16); B is padded up to a multiple.
+      block_b: batch rows per program, a power of two (>= 16 for ``"mma"``); B is padded up
+        to a multiple. None: 16 for ``"mma"``, 1 for ``"fma"`` (one sequence per program).
       num_warps: Triton warps per program; None picks by hidden size.
+      product: how the per-step products run. ``"mma"``: tensor-core products on tiles of 16
+        rows, W_hh in shared memory. ``"fma"``: a broadcast multiply and sum per row, with
+        W_hh held in registers (padded hidden size <= 64, :func:`fma_fits`): no padding of
+        a single sequence to 16 rows and no shared-memory read of W_hh at each step, for
+        the latency-bound batch-1 case.
 
     Returns:
       ``(ys: (T, B, H), (h_T: (B, H), c_T: (B, H)))``.
@@ -410,10 +441,23 @@ def pallas_recurrence(
             f"on-chip limit of {MAX_WEIGHT_BYTES // 1024} KiB (float32 H <= 64, bfloat16 "
             'H <= 128); use backend="scan" or "cudnn"'
         )
-    if block_b < MIN_TILE or block_b % MIN_TILE or block_b & (block_b - 1):
-        raise ValueError(f"block_b must be a power of two >= {MIN_TILE}, got {block_b}")
+    if product not in PRODUCTS:
+        raise ValueError(f"product must be one of {PRODUCTS}, got {product!r}")
+    fma = product == "fma"
+    if fma and not fma_fits(hidden):
+        raise ValueError(
+            f'product="fma" keeps W_hh in registers and applies up to hidden size 64, got '
+            f'{hidden}; use product="mma"'
+        )
+    smallest = 1 if fma else MIN_TILE
+    if block_b is None:
+        block_b = smallest
+    if block_b < smallest or block_b & (block_b - 1):
+        raise ValueError(
+            f'block_b must be a power of two >= {smallest} for product="{product}", got {block_b}'
+        )
     # Static, hashable kernel settings.
-    config = (bool(interpret), precision, int(block_b), num_warps)
+    config = (bool(interpret), precision, int(block_b), num_warps, fma)
     if b is not None:
         xw = xw + b
     return _pallas_core(config, xw, w_hh, h0, c0, mask)

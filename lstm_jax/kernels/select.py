@@ -24,8 +24,10 @@ _NVIDIA = ("gpu", "cuda")
 # the same process on an H100 (2026-11-26, jax 0.11.2, torch 2.11, each library's default
 # precision; benchmarks/results/nvidia-h100-80gb-hbm3.md from scripts/gpu_session.sh),
 # keyed by (batch, steps, input_size, hidden). "scan" is the lax.scan loop with the custom
-# backward at the default unroll, "pallas" the persistent kernel (bfloat16 at H=128, where
-# float32 does not fit on chip), "cudnn" jax.experimental.rnn. Lower is faster.
+# backward at the default unroll, "pallas" the persistent kernel with tensor-core products
+# (bfloat16 at H=128, where float32 does not fit on chip), "pallas-fma" the same kernel with
+# W_hh in registers (product="fma"; not measured yet, so never picked), "cudnn"
+# jax.experimental.rnn. Lower is faster.
 MEASURED_GPU: dict[tuple[int, int, int, int], dict[str, float]] = {
     (1, 500, 64, 64): {"scan": 4.61, "pallas": 2.37, "cudnn": 15.33},
     (16, 500, 128, 128): {"scan": 2.25, "pallas": 1.66, "cudnn": 7.21},
@@ -96,6 +98,28 @@ def _nearest(batch: int, hidden: int, table):
     return min(table, key=distance) if table else None
 
 
+def _pallas_times(measured: dict, hidden: int) -> dict[str, float]:
+    """The measured Pallas variants that apply at this hidden size: {"mma"|"fma": time}."""
+    times = {}
+    if "pallas" in measured:
+        times["mma"] = measured["pallas"]
+    if "pallas-fma" in measured and pallas_lstm.fma_fits(hidden):
+        times["fma"] = measured["pallas-fma"]
+    return times
+
+
+def pallas_product(*, batch: int, hidden: int, table: dict | None = None) -> str:
+    """How the Pallas kernel runs its per-step products for this call: ``"mma"`` or ``"fma"``.
+
+    The variant measured faster at the nearest measured shape; ``"mma"`` (tensor cores, the
+    measured default) where nothing says otherwise.
+    """
+    table = MEASURED_GPU if table is None else table
+    key = _nearest(batch, hidden, table)
+    times = _pallas_times(table[key], hidden) if key is not None else {}
+    return min(times, key=times.get) if times else "mma"
+
+
 def choose_backend(
     backend: str = "auto",
     *,
@@ -160,7 +184,10 @@ def choose_backend(
     key = _nearest(batch, hidden, table)
     if key is None:
         return "scan"
-    measured = table[key]
+    measured = dict(table[key])
+    pallas_times = _pallas_times(measured, hidden)
+    if pallas_times:
+        measured["pallas"] = min(pallas_times.values())
     candidates = {"scan": True, "pallas": pallas_reason is None,
                   "cudnn": cudnn_reason is None}
     timed = {name: measured[name] for name, ok in candidates.items() if ok and name in measured}
