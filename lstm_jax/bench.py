@@ -28,6 +28,7 @@ This is a benchmark, never a timed test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import fnmatch
 import math
@@ -124,11 +125,15 @@ class Variant(NamedTuple):
     """An lstm_jax configuration: ``lstm(params, x, **kwargs)``.
 
     ``gpu_only`` variants are left out on other backends unless ``--impls`` names them.
+    ``in_place``: force (True/False) whether the training forward pass writes the gate
+    activations over ``x @ W_ih`` in place (``_recurrence.in_place_residuals``, CPU-only by
+    default until measured elsewhere); None keeps the library's choice.
     """
 
     label: str
     kwargs: dict
     gpu_only: bool = False
+    in_place: bool | None = None
 
 
 # One line per lstm_jax configuration to time. Issue 7 adds e.g.
@@ -137,6 +142,11 @@ LSTM_JAX_VARIANTS = [
     Variant("lstm_jax", {}),
     Variant("lstm_jax-autodiff", {"custom_grad": False}),
     Variant("lstm_jax-bf16", {"compute_dtype": "bfloat16"}, gpu_only=True),
+    # The in-place activations on the GPU: does XLA:GPU keep the buffer in place (faster,
+    # less memory) or copy it at every step? Measured before the default changes there.
+    Variant("lstm_jax-inplace", {"backend": "scan"}, gpu_only=True, in_place=True),
+    Variant("lstm_jax-bf16-inplace", {"backend": "scan", "compute_dtype": "bfloat16"},
+            gpu_only=True, in_place=True),
     Variant("lstm_jax-scan", {"backend": "scan"}, gpu_only=True),
     Variant("lstm_jax-pallas", {"backend": "pallas"}, gpu_only=True),
     Variant("lstm_jax-pallas-bf16", {"backend": "pallas", "compute_dtype": "bfloat16"}, gpu_only=True),
@@ -205,6 +215,22 @@ def _first_line(e: BaseException) -> str:
     return text[0][:200] if text else ""
 
 
+@contextlib.contextmanager
+def _in_place_residuals(flag: bool | None):
+    """Forces ``_recurrence.in_place_residuals()`` to ``flag`` while tracing (None: no change)."""
+    if flag is None:
+        yield
+        return
+    from lstm_jax import _recurrence
+
+    library_choice = _recurrence.in_place_residuals
+    _recurrence.in_place_residuals = lambda: flag
+    try:
+        yield
+    finally:
+        _recurrence.in_place_residuals = library_choice
+
+
 def lstm_jax_impl(variant: Variant) -> Impl:
     def build(shape: Shape, mode: str) -> Prepared:
         import jax
@@ -224,7 +250,8 @@ def lstm_jax_impl(variant: Variant) -> Impl:
         def apply(p, xx):
             return lstm_jax.lstm(p, xx, **variant.kwargs)[0]
 
-        return _compile_jax(apply, params, x, mode, variant.label)
+        with _in_place_residuals(variant.in_place):
+            return _compile_jax(apply, params, x, mode, variant.label)
 
     return Impl(variant.label, build, half=_is_half(variant.kwargs.get("compute_dtype")))
 
@@ -763,6 +790,8 @@ MEMORY_VARIANTS = [
     Variant("lstm_jax remat", {"remat": True}),
     Variant("lstm_jax-autodiff", {"custom_grad": False}),
     Variant("lstm_jax-autodiff remat", {"custom_grad": False, "remat": True}),
+    # Off CPU, the activations written over x @ W_ih in place (CPU's default), to compare.
+    Variant("lstm_jax-inplace", {}, gpu_only=True, in_place=True),
 ]
 
 
@@ -818,10 +847,14 @@ def memory_results(shapes: list[Shape], log: Callable[[str], None] = print) -> l
         params = lstm_jax.init_lstm(jax.random.key(0), shape.D, shape.H, num_layers=shape.layers,
                                     bidirectional=shape.bidirectional)
         for v in MEMORY_VARIANTS:
+            if v.gpu_only and jax.default_backend() == "cpu":
+                continue
+
             def loss(p, xx, kw=v.kwargs):
                 return jnp.sum(lstm_jax.lstm(p, xx, **kw)[0])
 
-            temp, total = _xla_memory(jax.grad(loss, argnums=(0, 1)), params, x)
+            with _in_place_residuals(v.in_place):
+                temp, total = _xla_memory(jax.grad(loss, argnums=(0, 1)), params, x)
             rows.append(MemoryRow(shape, v.label, temp, total))
             log(f"{shape.label} {v.label}: temp {temp / 2**20:.1f} MiB, total {total / 2**20:.1f} MiB")
         try:

@@ -2,7 +2,7 @@
 # The whole GPU session in one call (the device budget is 15 minutes, start-up included):
 # the Pallas/cuDNN kernel checks and timings first (most likely to need a fix and a rerun),
 # then correctness against torch cuDNN, the benchmark table and the unroll sweep.
-#   OUT=/tmp/out bash scripts/gpu_session.sh        # about 7 minutes on an H100
+#   OUT=/tmp/out bash scripts/gpu_session.sh        # about 8 minutes on an H100
 set -o pipefail
 OUT="${OUT:-/tmp/gpu_session_out}"
 mkdir -p "$OUT"
@@ -13,10 +13,10 @@ if [ "${SKIP_KERNELS:-0}" != 1 ]; then
     | tee "$OUT/kernels_log.txt"
 fi
 if [ "${SKIP_CHECK:-0}" != 1 ]; then
-  REPEATS="${REPEATS:-3}" CHECK_TIMEOUT="${CHECK_TIMEOUT:-50}" BENCH_TIMEOUT="${BENCH_TIMEOUT:-190}" \
+  REPEATS="${REPEATS:-3}" CHECK_TIMEOUT="${CHECK_TIMEOUT:-50}" BENCH_TIMEOUT="${BENCH_TIMEOUT:-220}" \
   SWEEP_TIMEOUT="${SWEEP_TIMEOUT:-60}" \
   BENCH_SHAPES="${BENCH_SHAPES:-64,100,256,256 8,1000,128,256 256,100,1024,1024 32,200,512,512 1,500,64,64 16,500,128,128 32,100,128,256,L2,bi}" \
   SWEEP_SHAPES="${SWEEP_SHAPES:-64,100,256,256 8,1000,128,256 1,500,64,64 256,100,1024,1024}" \
-    BENCH_IMPLS="${BENCH_IMPLS:-lstm_jax,lstm_jax-bf16,lstm_jax-scan,lstm_jax-pallas*,lstm_jax-cudnn,flax,jax.experimental.rnn,torch*}" \
+    BENCH_IMPLS="${BENCH_IMPLS:-lstm_jax,lstm_jax-bf16,lstm_jax-scan,lstm_jax*-inplace,lstm_jax-pallas*,lstm_jax-cudnn,flax,jax.experimental.rnn,torch*}" \
     SWEEP_IMPLS="${SWEEP_IMPLS:-lstm_jax-scan,torch}" bash scripts/gpu_check.sh
 fi

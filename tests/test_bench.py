@@ -101,3 +101,26 @@ def test_memory_mode_reports_the_residuals_and_remat_saves(tmp_path):
     residuals = shape.T * shape.B * (4 + 1 + 1) * shape.H * 4 / 2**20
     assert mib["lstm_jax"] >= residuals
     assert mib["lstm_jax remat"] < mib["lstm_jax"]
+
+
+def test_forcing_in_place_residuals_changes_the_buffer_plan_and_is_undone():
+    # The GPU benchmark compares the in-place activations (CPU's default) with the stacked
+    # ones; forcing them off here must cost about one (T, B, 4H) float32 buffer of XLA memory.
+    import jax
+    import jax.numpy as jnp
+
+    import lstm_jax
+    from lstm_jax import _recurrence
+
+    T, B, D, H = 200, 4, 8, 32
+    params = lstm_jax.init_lstm(jax.random.key(0), D, H)
+    x = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
+    library_choice = _recurrence.in_place_residuals
+    temps = {}
+    for flag in (True, False):
+        grad = jax.grad(lambda p, xx: jnp.sum(lstm_jax.lstm(p, xx)[0]), argnums=(0, 1))
+        with bench._in_place_residuals(flag):
+            temps[flag] = bench._xla_memory(grad, params, x)[0]
+    assert _recurrence.in_place_residuals is library_choice
+    buffer = T * B * 4 * H * 4
+    assert 0.5 * buffer <= temps[False] - temps[True] <= 1.5 * buffer
