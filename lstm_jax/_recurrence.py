@@ -81,7 +81,11 @@ def _backward_step(w_hh_t, w_hr_t, precision, carry, inputs):
     else:
         dr = matmul(dh_total.astype(w_hr_t.dtype), w_hr_t, acc, precision)
     dz, dc_prev = cell_update_grad(acts, c_prev, dr, dc)
-    dh_prev = matmul(dz.astype(w_hh_t.dtype), w_hh_t, acc, precision)
+    # dz is emitted in the products' dtype (bfloat16 under mixed precision): every product
+    # that reads it (dh here, dx, dW_ih, dW_hh after the loop) casts it to that dtype anyway,
+    # so the stacked (T, B, 4H) gradient is written and read at half the bytes.
+    dz = dz.astype(w_hh_t.dtype)
+    dh_prev = matmul(dz, w_hh_t, acc, precision)
     if m_t is not None:
         valid = m_t[:, None]
         dz = jnp.where(valid, dz, jnp.zeros_like(dz))
@@ -172,9 +176,9 @@ def _recurrence_bwd(unroll, precision, residuals, cotangents):
     )
     dw_hh, dw_hr = _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc, precision)
     # Masked steps have dz = 0, so they add nothing to the bias gradient.
-    db = None if b is None else jnp.sum(dz, axis=(0, 1)).astype(b.dtype)
+    db = None if b is None else jnp.sum(dz, axis=(0, 1), dtype=acc).astype(b.dtype)
     return (
-        dz,
+        dz.astype(acc),  # xw has the accumulation dtype
         dw_hh.astype(w_hh.dtype),
         None if w_hr is None else dw_hr.astype(w_hr.dtype),
         dh0.astype(h0.dtype),
@@ -256,7 +260,8 @@ def _remat_bwd(unroll, precision, chunk, residuals, cotangents):
         dz_w = dz_k.astype(w_ih.dtype)
         dx_k = matmul(dz_w, jnp.transpose(w_ih), acc, precision)
         dw_ih_k = summed_outer(x_k, dz_w, acc, precision)
-        grads_k = (dw_ih_k, dw_hh_k, dw_hr_k, None if b is None else jnp.sum(dz_k, axis=(0, 1)))
+        grads_k = (dw_ih_k, dw_hh_k, dw_hr_k,
+                   None if b is None else jnp.sum(dz_k, axis=(0, 1), dtype=acc))
         sums = jax.tree_util.tree_map(jnp.add, sums, grads_k)
         return (state, sums), dx_k.astype(x.dtype)
 
