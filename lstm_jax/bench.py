@@ -373,7 +373,8 @@ def default_impls(backend: str, unrolls: list[int] | None = None) -> list[Impl]:
         if unrolls:
             for u in unrolls:
                 impls.append(
-                    lstm_jax_impl(Variant(f"{v.label} u={u}", {**v.kwargs, "unroll": u}, v.gpu_only))
+                    lstm_jax_impl(v._replace(label=f"{v.label} u={u}",
+                                             kwargs={**v.kwargs, "unroll": u}))
                 )
         else:
             impls.append(lstm_jax_impl(v))
@@ -791,7 +792,7 @@ MEMORY_VARIANTS = [
     Variant("lstm_jax-autodiff", {"custom_grad": False}),
     Variant("lstm_jax-autodiff remat", {"custom_grad": False, "remat": True}),
     # Off CPU, the activations written over x @ W_ih in place (CPU's default), to compare.
-    Variant("lstm_jax-inplace", {}, gpu_only=True, in_place=True),
+    Variant("lstm_jax-inplace", {"backend": "scan"}, gpu_only=True, in_place=True),
 ]
 
 
@@ -847,7 +848,7 @@ def memory_results(shapes: list[Shape], log: Callable[[str], None] = print) -> l
         params = lstm_jax.init_lstm(jax.random.key(0), shape.D, shape.H, num_layers=shape.layers,
                                     bidirectional=shape.bidirectional)
         for v in MEMORY_VARIANTS:
-            if v.gpu_only and jax.default_backend() == "cpu":
+            if v.gpu_only and jax.default_backend() != "gpu":
                 continue
 
             def loss(p, xx, kw=v.kwargs):

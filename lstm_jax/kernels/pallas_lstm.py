@@ -14,14 +14,16 @@ gradient of ``xw`` is ``dz`` itself.
 
 Layout inside the kernels. Every array a Triton kernel touches must have a power-of-two
 number of elements and ``tl.dot`` needs every dimension >= 16, so the wrapper pads the
-batch to a multiple of ``block_b`` (>= 16) and each gate block of the hidden size to
+batch to a multiple of ``block_b`` (>= 16 for the tensor-core products; any power of two for
+``product="fma"``, which uses no ``tl.dot``) and each gate block of the hidden size to
 ``hp = next_power_of_2(max(H, 16))``. Padded hidden units stay exactly zero (their
 pre-activations are 0, so c stays 0 and h = sigmoid(0) * tanh(0) = 0) and padded batch
 rows are masked, so padding never changes the numbers. The four gates use four separate
 products (``h @ W_gate``) so the kernel never slices a register tensor.
 
-On-chip budget: ``W_hh`` is loaded once before the loop; Triton keeps it in shared memory
-and feeds each step's products from there. It takes ``hp * 4hp * itemsize`` bytes: 64 KiB
+On-chip budget: ``W_hh`` is loaded once before the loop; for tensor-core products Triton
+keeps it in shared memory and feeds each step's products from there (``product="fma"``
+keeps it in registers instead, up to H = 64: :func:`fma_fits`). It takes ``hp * 4hp * itemsize`` bytes: 64 KiB
 at H = 64 in float32, 128 KiB at H = 128 in bfloat16, 256 KiB at H = 128 in float32. An
 H100 SM has at most 227 KiB of shared memory per block, so the kernel accepts W_hh up to
 :data:`MAX_WEIGHT_BYTES` (float32 H <= 64, bfloat16 H <= 128); :func:`fits_on_chip` says so.
@@ -141,7 +143,8 @@ def _forward_kernel(xw_ref, m_ref, w_ref, h0_ref, c0_ref, *out_refs,
     def load_step(t):
         return tuple(_gate(xw_ref, t, g, hp).astype(f32) for g in range(4)), m_ref[t, :]
 
-    # Loaded once: W_hh stays on chip (Triton keeps it in shared memory) for all T steps.
+    # Loaded once: W_hh stays on chip for all T steps (Triton keeps it in shared memory for
+    # tensor-core products, in registers for fma).
     w = [w_ref[:, pl.ds(g * hp, hp)] for g in range(4)]
 
     def body(t, carry):
@@ -409,7 +412,8 @@ def pallas_recurrence(
       mask: ``(T, B)`` bool or None; False steps keep the state and output zero.
       b: ``(4H,)`` bias added to ``xw`` (float32), or None.
       interpret: run the kernel with Pallas' interpreter (any platform; slow, for tests).
-      precision: ``jax.lax.Precision`` of the in-kernel products (``"highest"`` avoids TF32).
+      precision: ``jax.lax.Precision`` of the in-kernel tensor-core products (``"highest"``
+        avoids TF32); fma products are always exact float32 sums.
       block_b: batch rows per program, a power of two (>= 16 for ``"mma"``); B is padded up
         to a multiple. None: 16 for ``"mma"``, 1 for ``"fma"`` (one sequence per program).
       num_warps: Triton warps per program; None picks by hidden size.
@@ -417,7 +421,8 @@ def pallas_recurrence(
         rows, W_hh in shared memory. ``"fma"``: a broadcast multiply and sum per row, with
         W_hh held in registers (padded hidden size <= 64, :func:`fma_fits`): no padding of
         a single sequence to 16 rows and no shared-memory read of W_hh at each step, for
-        the latency-bound batch-1 case.
+        the latency-bound batch-1 case. Its per-step intermediates grow with ``block_b``:
+        keep it small (1-4) or the kernel spills registers.
 
     Returns:
       ``(ys: (T, B, H), (h_T: (B, H), c_T: (B, H)))``.
