@@ -118,8 +118,10 @@ def cell_update(z: Array, c: Array) -> tuple[Array, Array, Array]:
     return c_new, o * jnp.tanh(c_new), acts
 
 
-def cell_update_grad(acts: Array, c_prev: Array, dr: Array, dc: Array) -> tuple[Array, Array]:
+def cell_update_grad(acts, c_prev: Array, dr: Array, dc: Array) -> tuple[Array, Array]:
     """The backward of :func:`cell_update`: from ``dr = dL/d(o tanh c_t)`` and ``dc = dL/dc_t``.
+
+    ``acts``: the activated gates as one ``(..., 4H)`` array or as the tuple ``(i, f, g, o)``.
 
     Recomputes ``tanh(c_t)`` from the saved activations and ``c_{t-1}`` (cheaper to store
     than c_t as well)::
@@ -130,11 +132,17 @@ def cell_update_grad(acts: Array, c_prev: Array, dr: Array, dc: Array) -> tuple[
 
     Returns ``(dz: (..., 4H), dc_{t-1})``.
     """
-    i, f, g, o = jnp.split(acts, 4, axis=-1)
+    i, f, g, o = acts if isinstance(acts, (tuple, list)) else jnp.split(acts, 4, axis=-1)
     tanh_c = jnp.tanh(f * c_prev + i * g)
     dc_total = dc + dr * o * (1.0 - tanh_c * tanh_c)
-    dact = jnp.concatenate([dc_total * g, dc_total * c_prev, dc_total * i, dr * tanh_c], axis=-1)
-    return dact * activated_gates_grad(acts), dc_total * f
+    # d act / d z gate by gate, as activated_gates_grad writes it: (1 - a)(a + 2k - 1).
+    dz = [
+        (dc_total * g) * ((1.0 - i) * i),
+        (dc_total * c_prev) * ((1.0 - f) * f),
+        (dc_total * i) * ((1.0 - g) * (g + 1.0)),
+        (dr * tanh_c) * ((1.0 - o) * o),
+    ]
+    return jnp.concatenate(dz, axis=-1), dc_total * f
 
 
 def project(r: Array, w_hr: Array | None, dtype, acc_dtype, precision=None) -> Array:

@@ -133,9 +133,30 @@ def _transposed(w):
     return None if w is None else jnp.transpose(w)
 
 
+def _gate_slices(acts, t):
+    """Step t's four gate activations, each read straight from ``acts: (T, B, 4H)``.
+
+    One dynamic slice per gate rather than one of the whole row split afterwards: XLA:CPU does
+    not vectorise a fusion that takes static column slices of a dynamic slice (measured: the
+    backward's elementwise step 4-8x slower that way, ``benchmarks/cpu-notes.md``).
+    """
+    batch, hidden = acts.shape[1], acts.shape[2] // 4
+    zero = jnp.zeros((), t.dtype)  # start indices of one integer type (int64 under x64)
+    return tuple(
+        jax.lax.dynamic_slice(acts, (t, zero, zero + k * hidden), (1, batch, hidden))[0]
+        for k in range(4)
+    )
+
+
 def _run_backward(w_hh, w_hr, carry, dys, acts, c_prev, mask, unroll, precision):
     step = functools.partial(_backward_step, _transposed(w_hh), _transposed(w_hr), precision)
-    return jax.lax.scan(step, carry, (dys, acts, c_prev, mask), reverse=True, unroll=unroll)
+
+    def gated(carry, inputs):
+        t, dy_t, c_prev_t, m_t = inputs
+        return step(carry, (dy_t, _gate_slices(acts, t), c_prev_t, m_t))
+
+    steps = jnp.arange(acts.shape[0], dtype=jnp.int32)
+    return jax.lax.scan(gated, carry, (steps, dys, c_prev, mask), reverse=True, unroll=unroll)
 
 
 def _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc, precision):
