@@ -526,6 +526,10 @@ def bench_case(
             p, inner, _ = prepared[label]
             if quiet is not None:
                 _wait_until_quiet(quiet, deadline, window=0.1)
+            # One untimed call first: the previous implementation's burst left the caches
+            # with its own weights and buffers, and the first call after a switch ran up to
+            # 1.5x slower (32,100,128,256 forward), whichever library came before.
+            p.run()
             start = _cpu_counters()
             times = []
             for _ in range(inner):
@@ -1033,7 +1037,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `{command.strip()}`",
         f"- method: {args.repeats} rounds after {args.warmup} warm-up calls, interleaved across "
         f"implementations; a round makes each implementation's calls last >= {args.min_time * 1e3:.0f} ms "
-        "(fast ones called several times); the median over all calls, each timed alone and "
+        "(fast ones called several times) after one untimed call (the implementation before "
+        "it left the caches cold); the median over all calls, each timed alone and "
         "synchronised (block_until_ready / torch.cuda.synchronize). fwd+bwd: gradient of sum(y) with respect "
         "to the parameters and x (jitted for JAX; torch.autograd.grad); fwd: y alone "
         "(torch under no_grad). float32 unless labelled, each library's default matmul precision.",
