@@ -59,10 +59,16 @@ def _input_product_fwd(x, w, acc_dtype, precision):
     return matmul(x, w, acc_dtype, precision), (x, w)
 
 
+def input_product_grads(x: Array, w: Array, dy: Array, acc_dtype, precision=None):
+    """``(dx, dW)`` of ``y = x @ w`` for the cotangent ``dy``, both in ``acc_dtype``."""
+    dx = matmul(dy.astype(w.dtype), jnp.transpose(w), acc_dtype, precision)
+    return dx, summed_outer(x, dy, acc_dtype, precision)
+
+
 def _input_product_bwd(acc_dtype, precision, residuals, dy):
     x, w = residuals
-    dx = matmul(dy.astype(w.dtype), jnp.transpose(w), acc_dtype, precision)
-    return dx.astype(x.dtype), summed_outer(x, dy, acc_dtype, precision).astype(w.dtype)
+    dx, dw = input_product_grads(x, w, dy, acc_dtype, precision)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 input_product.defvjp(_input_product_fwd, _input_product_bwd)
@@ -97,14 +103,14 @@ def activate_gates(z: Array) -> Array:
     return k * jnp.tanh(k * z) + (1.0 - k)
 
 
-def activated_gates_grad(acts: Array) -> Array:
-    """``d act / d z`` over the row of :func:`activate_gates`, from the activations themselves.
+def activated_gates_grad(gates: tuple[Array, Array, Array, Array]) -> tuple[Array, ...]:
+    """``d act / d z`` of each gate of :func:`activate_gates`, from the activations themselves.
 
-    ``(1 - a) * (a + 2k - 1)``: ``a (1 - a)`` for the sigmoid gates, ``1 - a^2`` for tanh;
-    the factored form keeps full relative precision where ``a`` is near 0 or 1.
+    ``gates = (i, f, g, o)``: ``a (1 - a)`` for the sigmoid gates, ``1 - a^2 = (1 - a)(a + 1)``
+    for tanh; the factored forms keep full relative precision where ``a`` is near 0 or 1.
     """
-    k = _gate_scale(acts.shape[-1] // 4, acts.dtype)
-    return (1.0 - acts) * (acts + (2.0 * k - 1.0))
+    i, f, g, o = gates
+    return (1.0 - i) * i, (1.0 - f) * f, (1.0 - g) * (g + 1.0), (1.0 - o) * o
 
 
 def cell_update(z: Array, c: Array) -> tuple[Array, Array, Array]:
@@ -118,10 +124,11 @@ def cell_update(z: Array, c: Array) -> tuple[Array, Array, Array]:
     return c_new, o * jnp.tanh(c_new), acts
 
 
-def cell_update_grad(acts, c_prev: Array, dr: Array, dc: Array) -> tuple[Array, Array]:
+def cell_update_grad(gates, c_prev: Array, dr: Array, dc: Array) -> tuple[Array, Array]:
     """The backward of :func:`cell_update`: from ``dr = dL/d(o tanh c_t)`` and ``dc = dL/dc_t``.
 
-    ``acts``: the activated gates as one ``(..., 4H)`` array or as the tuple ``(i, f, g, o)``.
+    ``gates``: the activated gates ``(i, f, g, o)``, each ``(..., H)`` (the backward scan
+    reads them from the saved ``(T, B, 4H)`` activations one slice per gate).
 
     Recomputes ``tanh(c_t)`` from the saved activations and ``c_{t-1}`` (cheaper to store
     than c_t as well)::
@@ -132,16 +139,11 @@ def cell_update_grad(acts, c_prev: Array, dr: Array, dc: Array) -> tuple[Array, 
 
     Returns ``(dz: (..., 4H), dc_{t-1})``.
     """
-    i, f, g, o = acts if isinstance(acts, (tuple, list)) else jnp.split(acts, 4, axis=-1)
+    i, f, g, o = gates
     tanh_c = jnp.tanh(f * c_prev + i * g)
     dc_total = dc + dr * o * (1.0 - tanh_c * tanh_c)
-    # d act / d z gate by gate, as activated_gates_grad writes it: (1 - a)(a + 2k - 1).
-    dz = [
-        (dc_total * g) * ((1.0 - i) * i),
-        (dc_total * c_prev) * ((1.0 - f) * f),
-        (dc_total * i) * ((1.0 - g) * (g + 1.0)),
-        (dr * tanh_c) * ((1.0 - o) * o),
-    ]
+    di, df, dg, do = activated_gates_grad(gates)
+    dz = [(dc_total * g) * di, (dc_total * c_prev) * df, (dc_total * i) * dg, (dr * tanh_c) * do]
     return jnp.concatenate(dz, axis=-1), dc_total * f
 
 

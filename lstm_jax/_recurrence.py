@@ -28,6 +28,7 @@ from lstm_jax._cell import (
     cell_update,
     cell_update_grad,
     input_affine,
+    input_product_grads,
     matmul,
     summed_outer,
     project,
@@ -281,9 +282,7 @@ def _remat_bwd(unroll, precision, chunk, residuals, cotangents):
                                                   m_k, unroll, precision)
         dw_hh_k, dw_hr_k = _weight_grads(w_hh, w_hr, h_k, ys_k, acts_k, c_prev_k, dz_k,
                                          dh_total_k, acc, precision)
-        dz_w = dz_k.astype(w_ih.dtype)
-        dx_k = matmul(dz_w, jnp.transpose(w_ih), acc, precision)
-        dw_ih_k = summed_outer(x_k, dz_w, acc, precision)
+        dx_k, dw_ih_k = input_product_grads(x_k, w_ih, dz_k, acc, precision)
         grads_k = (dw_ih_k, dw_hh_k, dw_hr_k,
                    None if b is None else jnp.sum(dz_k, axis=(0, 1), dtype=acc))
         sums = jax.tree_util.tree_map(jnp.add, sums, grads_k)

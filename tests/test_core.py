@@ -212,7 +212,8 @@ def test_fused_gate_activations_equal_sigmoid_and_tanh_and_their_derivatives():
         )
         # Computed from the activation, the derivative is exact to an ulp of 1 (absolute): where a
         # gate saturates, a itself has lost the tail that z still knows.
-        np.testing.assert_allclose(np.asarray(activated_gates_grad(jnp.asarray(acts))),
+        gates = tuple(jnp.split(jnp.asarray(acts), 4, axis=-1))
+        np.testing.assert_allclose(np.concatenate(activated_gates_grad(gates), axis=-1),
                                    d_expected, rtol=1e-12, atol=1e-15)
 
         # cell_update_grad is the vector-Jacobian product of cell_update.
@@ -225,7 +226,7 @@ def test_fused_gate_activations_equal_sigmoid_and_tanh_and_their_derivatives():
 
         _, vjp = jax.vjp(update, jnp.asarray(z), c_prev)
         dz_ad, dc_prev_ad = vjp((dr, dc))
-        dz, dc_prev = cell_update_grad(jnp.asarray(acts), c_prev, dr, dc)
+        dz, dc_prev = cell_update_grad(gates, c_prev, dr, dc)
         np.testing.assert_allclose(dz, dz_ad, rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(dc_prev, dc_prev_ad, rtol=1e-12, atol=1e-15)
 
