@@ -975,20 +975,25 @@ def run_benchmarks(
 def steady_malloc() -> bool:
     """Makes glibc keep freed memory instead of returning it to the OS (both libraries share it).
 
-    By default glibc serves large blocks with fresh mmap pages and trims freed heap memory;
-    on a VM each fresh page faults at a cost, and how many calls pay it depends on the
-    allocator's history, which makes CPU timings bimodal (torch 1,1000,32,128 forward: 3.3 or
-    6.6 ms from one process to the next). Returns False where mallopt is unavailable.
+    By default glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh mmap
+    pages and trims freed heap memory; on a VM each fresh page faults at a cost (about 5 ms per
+    36 MiB here), and how many calls pay it depends on the allocator's history, which makes CPU
+    timings bimodal (torch 1,1000,32,128 forward: 3.3 or 6.6 ms from one process to the next).
+    XLA:CPU takes one block for all of a program's temporaries (36 MiB for jit(grad) at
+    32,100,128,256), so a threshold alone leaves it faulting in every page on every call. Here
+    no block is mmapped, all threads share the main heap (thread arenas are mmapped heaps of at
+    most 64 MiB) and nothing is trimmed: after the first call, repeated calls reuse pages.
+    Call it before JAX or torch allocate. Returns False where mallopt is unavailable.
     """
     import ctypes
     import ctypes.util
 
+    m_trim_threshold, m_mmap_threshold, m_mmap_max, m_arena_max = -1, -3, -4, -8
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)) and bool(
-            libc.mallopt(m_trim_threshold, 1 << 31)
-        )
+        settings = ((m_trim_threshold, 1 << 30), (m_mmap_threshold, 32 * 1024 * 1024),
+                    (m_mmap_max, 0), (m_arena_max, 1))
+        return all(bool(libc.mallopt(option, value)) for option, value in settings)
     except (OSError, AttributeError):
         return False
 
@@ -1000,8 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
     malloc_note = None
     if args.steady_malloc:
         malloc_note = (
-            "- --steady-malloc: glibc keeps freed memory (mmap threshold 32 MiB, no trimming), "
-            "so repeated calls reuse pages instead of faulting in fresh ones"
+            "- --steady-malloc: glibc keeps freed memory (no mmapped blocks, one arena, no "
+            "trimming), so repeated calls reuse pages instead of faulting in fresh ones"
             if steady_malloc() else "- --steady-malloc requested but mallopt is unavailable"
         )
     import jax
