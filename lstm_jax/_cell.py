@@ -155,6 +155,35 @@ def project(r: Array, w_hr: Array | None, dtype, acc_dtype, precision=None) -> A
     return matmul(r, w_hr, acc_dtype, precision).astype(dtype)
 
 
+def _check_cell_inputs(cell_params, state, x) -> tuple[LSTMState, Array]:
+    """lstm_cell's arguments, checked against the parameters' sizes: (LSTMState, x)."""
+    if not isinstance(cell_params, LSTMCellParams):
+        hint = (" (pass one layer and direction: params.layers[layer][direction])"
+                if type(cell_params).__name__ == "LSTMParams" else "")
+        raise ValueError(
+            f"cell_params must be an LSTMCellParams, got {type(cell_params).__name__}{hint}"
+        )
+    if not (isinstance(state, tuple) and len(state) == 2):
+        raise ValueError(f"state must be an LSTMState(h, c) or a pair (h, c), got "
+                         f"{type(state).__name__}")
+    h, c = (jnp.asarray(a) for a in state)
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a floating-point array, got dtype {x.dtype}")
+    input_size, h_out = cell_params.input_size, cell_params.output_size
+    hidden = cell_params.hidden_size
+    for name, a, size, what in (("x", x, input_size, "input_size"),
+                                ("state.h", h, h_out, "the output size (proj_size or H)"),
+                                ("state.c", c, hidden, "hidden_size")):
+        if a.ndim not in (1, 2) or a.shape[-1] != size:
+            raise ValueError(f"{name} must have shape (B, {size}) or ({size},) ({what}), "
+                             f"got {a.shape}")
+    if not x.shape[:-1] == h.shape[:-1] == c.shape[:-1]:
+        raise ValueError(f"x, state.h and state.c must share their batch shape, got "
+                         f"{x.shape}, {h.shape}, {c.shape}")
+    return LSTMState(h, c), x
+
+
 def lstm_cell(
     cell_params: LSTMCellParams,
     state: LSTMState,
@@ -180,7 +209,8 @@ def lstm_cell(
 
     Args:
       cell_params: :class:`LSTMCellParams` of one layer and direction.
-      state: ``LSTMState(h: (B, H_out), c: (B, H))``; unbatched ``(H_out,)``, ``(H,)`` works too.
+      state: ``LSTMState(h: (B, H_out), c: (B, H))`` or a pair ``(h, c)``; unbatched
+        ``(H_out,)``, ``(H,)`` works too.
       x: ``(B, input_size)`` or ``(input_size,)``.
       precision: optional ``jax.lax.Precision`` for the matrix products.
       cell_clip, zoneout_h, zoneout_c, recurrent_dropout, candidate_dropout: the call-time
@@ -202,6 +232,7 @@ def lstm_cell(
       >>> state = LSTMState(jnp.zeros((2, 5)), jnp.zeros((2, 5)))
       >>> state, h = lstm_cell(p, state, jnp.ones((2, 3)))
     """
+    state, x = _check_cell_inputs(cell_params, state, x)
     opts = VariantOptions.create(
         cell_clip, zoneout_h, zoneout_c, recurrent_dropout, candidate_dropout
     )

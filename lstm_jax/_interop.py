@@ -21,8 +21,17 @@ _KEY = re.compile(r"^(weight_ih|weight_hh|weight_hr|bias_ih|bias_hh)_l(\d+)(_rev
 
 def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor, without importing torch
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # torch has no NumPy bfloat16: go via float32
+            return value.float().numpy().astype(jnp.bfloat16)
+        value = value.numpy()
     return np.asarray(value)
+
+
+def _for_torch(value) -> np.ndarray:
+    """A copy torch.from_numpy reads: bfloat16 (which NumPy holds as ml_dtypes) as float32."""
+    a = np.asarray(value)
+    return a.astype(np.float32) if a.dtype == jnp.bfloat16 else a.copy()
 
 
 def from_torch(state_dict: Mapping, dtype=None) -> LSTMParams:
@@ -33,7 +42,7 @@ def from_torch(state_dict: Mapping, dtype=None) -> LSTMParams:
     accepted if every key shares the prefix.
 
     Args:
-      state_dict: mapping of torch's parameter names to arrays.
+      state_dict: mapping of torch's parameter names to arrays (bfloat16 tensors too).
       dtype: dtype of the returned arrays; defaults to that of the inputs.
 
     Example:
@@ -109,8 +118,9 @@ def from_torch(state_dict: Mapping, dtype=None) -> LSTMParams:
 def to_torch(params: LSTMParams) -> dict[str, np.ndarray]:
     """Converts :class:`LSTMParams` to torch.nn.LSTM's parameter names and layouts.
 
-    The combined bias goes to ``bias_ih`` and ``bias_hh`` is zero. torch's
-    ``load_state_dict`` wants tensors::
+    The combined bias goes to ``bias_ih`` and ``bias_hh`` is zero. bfloat16 parameters come
+    back as float32 arrays (exactly: NumPy's bfloat16 is not one torch reads), which
+    ``load_state_dict`` copies into a bfloat16 module as they are. It wants tensors::
 
         module.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch(params).items()})
     """
@@ -131,11 +141,11 @@ def to_torch(params: LSTMParams) -> dict[str, np.ndarray]:
                     "blocks: torch.nn.LSTM cannot represent it"
                 )
             suffix = f"_l{layer}" + ("_reverse" if d else "")
-            out["weight_ih" + suffix] = np.asarray(p.w_ih).T.copy()
-            out["weight_hh" + suffix] = np.asarray(p.w_hh).T.copy()
+            out["weight_ih" + suffix] = _for_torch(p.w_ih).T.copy()
+            out["weight_hh" + suffix] = _for_torch(p.w_hh).T.copy()
             if p.b is not None:
-                out["bias_ih" + suffix] = np.asarray(p.b).copy()
-                out["bias_hh" + suffix] = np.zeros_like(np.asarray(p.b))
+                out["bias_ih" + suffix] = _for_torch(p.b)
+                out["bias_hh" + suffix] = np.zeros_like(out["bias_ih" + suffix])
             if p.w_hr is not None:
-                out["weight_hr" + suffix] = np.asarray(p.w_hr).T.copy()
+                out["weight_hr" + suffix] = _for_torch(p.w_hr).T.copy()
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from lstm_jax._cell import (
@@ -57,6 +58,18 @@ def _validate_state(initial_state, expected_h, expected_c):
     if tuple(jnp.shape(c0)) != expected_c:
         raise _shape_error("initial_state.c", expected_c, jnp.shape(c0))
     return jnp.asarray(h0), jnp.asarray(c0)
+
+
+def _check_length_range(seq_lengths: Array, steps: int) -> None:
+    """Raise if concrete ``seq_lengths`` leave ``[0, steps]`` (traced ones are clipped later)."""
+    if isinstance(seq_lengths, jax.core.Tracer):
+        return
+    values = np.asarray(seq_lengths)
+    bad = values[(values < 0) | (values > steps)]
+    if bad.size:
+        raise ValueError(
+            f"seq_lengths must lie in [0, T={steps}] (T: the time axis of x), got {bad.tolist()}"
+        )
 
 
 def _reverse_index(steps: int, seq_lengths: Array | None) -> Array | None:
@@ -135,6 +148,7 @@ def lstm(
       seq_lengths: ``(B,)`` integers in ``[0, T]``: padded sequences behave like torch's
         packed sequences. Outputs past each length are zero, the final state is the state
         at the last valid step and the reverse direction starts at each sequence's own end.
+        Values outside ``[0, T]`` raise; under ``jit`` (values unknown) they are clipped.
       batch_first: layout of ``x`` and ``y``.
       dropout: probability of zeroing each output of every layer but the last (as torch).
         Applied only when ``key`` is given: pass no key for evaluation.
@@ -210,7 +224,12 @@ def lstm(
 
     unbatched = x.ndim == 2
     out_dtype = x.dtype
+    for name, flag in (("batch_first", batch_first), ("remat", remat)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else x.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"compute_dtype must be a floating-point dtype, got {dtype}")
     acc = accumulation_dtype(dtype)
     x = x[:, None] if unbatched else (jnp.swapaxes(x, 0, 1) if batch_first else x)
     T, B = x.shape[:2]
@@ -234,7 +253,10 @@ def lstm(
             raise _shape_error("seq_lengths", expected, seq_lengths.shape)
         if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
             raise ValueError(f"seq_lengths must be integers, got dtype {seq_lengths.dtype}")
-        seq_lengths = seq_lengths.reshape((B,)).astype(jnp.int32)
+        _check_length_range(seq_lengths, T)
+        # Under jit the values are unknown here: out-of-range lengths are clipped to [0, T]
+        # (a length past T would make the reverse direction read outside the sequence).
+        seq_lengths = jnp.clip(seq_lengths.reshape((B,)).astype(jnp.int32), 0, T)
         mask = jnp.arange(T)[:, None] < seq_lengths[None, :]
     reverse_index = _reverse_index(T, seq_lengths) if D == 2 else None
 

@@ -26,10 +26,12 @@ disagree with it.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -244,6 +246,14 @@ def init_lstm(
         )
     if init not in ("default", "pytorch"):
         raise ValueError(f'init must be "default" or "pytorch", got {init!r}')
+    for name, flag in (("bias", bias), ("bidirectional", bidirectional), ("peephole", peephole),
+                       ("layer_norm", layer_norm), ("cifg", cifg)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if isinstance(forget_bias, bool) or not isinstance(forget_bias, numbers.Real):
+        raise ValueError(f"forget_bias must be a number, got {forget_bias!r}")
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ValueError(f"dtype must be a floating-point dtype, got {jnp.dtype(dtype)}")
     if chrono_t_max is not None:
         if isinstance(chrono_t_max, bool) or not isinstance(chrono_t_max, (int, float)) or not (
             chrono_t_max > 2

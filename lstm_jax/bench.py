@@ -891,6 +891,19 @@ def memory_table(rows: list[MemoryRow]) -> str:
     return "\n".join(lines)
 
 
+def _at_least(minimum, kind):
+    """An argparse type: a number of ``kind`` >= ``minimum`` (else a usage error, exit 2)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value >= minimum):  # also rejects nan
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lstm-jax bench",
@@ -903,10 +916,11 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--cpu-shapes", action="store_true",
                        help="issue 4's three CPU shapes plus 32,100,128,256 L2 bi")
     table.add_argument("--gpu-shapes", "--gpu", action="store_true", help="the full table")
-    p.add_argument("--repeats", type=int, default=10,
+    p.add_argument("--repeats", type=_at_least(1, int), default=10,
                    help="timed rounds per case (each >= --min-time per implementation)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-    p.add_argument("--min-time", type=float, default=0.02,
+    p.add_argument("--warmup", type=_at_least(0, int), default=2,
+                   help="untimed calls before timing")
+    p.add_argument("--min-time", type=_at_least(0, float), default=0.02,
                    help="seconds per implementation per round: fast calls are repeated")
     p.add_argument("--only", choices=MODES, help="time only forward+backward or only forward")
     p.add_argument("--unroll", type=_unroll_list, metavar="1,2,4,8",
@@ -922,7 +936,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", type=float, metavar="FRACTION",
                    help="on a shared machine: time only while other processes use at most this "
                    "fraction of the CPUs (e.g. 0.15), timing again bursts they disturbed")
-    p.add_argument("--max-wait", type=float, default=600.0,
+    p.add_argument("--max-wait", type=_at_least(0, float), default=600.0,
                    help="seconds per case to wait for --quiet before keeping disturbed rounds")
     p.add_argument("--steady-malloc", action="store_true",
                    help="CPU: make glibc keep freed memory (reproducible timings on VMs where "

@@ -63,7 +63,7 @@ def _default_workdir(task: str) -> Path:
 
 def _train(args) -> int:
     from lstm_jax.train.config import ConfigError, load_config, read_yaml
-    from lstm_jax.train.loop import train_and_evaluate
+    from lstm_jax.train.loop import build_trainer, check_workdir, train_and_evaluate
 
     config_path, overrides = None, []
     for item in args.items:
@@ -85,6 +85,8 @@ def _train(args) -> int:
 
     distributed.initialize(cfg.distributed)  # first, so that only process 0 speaks
     workdir = Path(args.workdir) if args.workdir else _default_workdir(cfg.task.name)
+    check_workdir(workdir)
+    build_trainer(cfg)  # values only the core or optax can judge: rejected before the run dir
     if distributed.is_lead():
         print(f"run dir: {workdir}", flush=True)
     result = train_and_evaluate(cfg, workdir)
@@ -134,7 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         from lstm_jax import bench  # another engineer's module; imported only when asked for
 
         return bench.main(argv[1:]) or 0
-    args = _parser().parse_args(argv)  # bad usage: argparse prints it and exits 2
+    parser = _parser()
+    # parse_known_args, so that train's overrides may also follow --workdir: argparse alone
+    # stops collecting positionals at the first option.
+    args, extra = parser.parse_known_args(argv)  # bad usage: argparse prints it and exits 2
+    if args.command == "train":
+        args.items += [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     from lstm_jax.train.config import ConfigError
     from lstm_jax.train.loop import NonFiniteLossError

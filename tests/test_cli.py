@@ -71,6 +71,65 @@ def test_usage_errors_exit_2_with_one_message(argv, message, capsys):
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+TINY = ["train.steps=2", "model.hidden_size=8", "task.seq_len=5", "task.eval_size=8",
+        "train.batch_size=4", "train.progress=false"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.init=bogus", "model.init: 'bogus' is not one of default, pytorch"),
+    ("model.lstm_kwargs.cell_clip=-1", "rejected this config: cell_clip must be a positive"),
+    ("model.lstm_kwargs.backend=bogus", "rejected this config: backend must be one of"),
+    ("optim.kwargs.b1=abc", "model/optim: the core library rejected this config"),
+    ("model.lstm_kwargs.bidirectional=true",
+     "model.lstm_kwargs.bidirectional: the trainer sizes the model from model.bidirectional"),
+])
+def test_values_only_the_core_can_judge_exit_2_before_a_run_dir(tmp_path, monkeypatch, capsys,
+                                                               override, message):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", *TINY, override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_overrides_after_workdir_and_a_finished_run_is_not_logged_again(tmp_path, capsys):
+    work = tmp_path / "run"
+    assert cli.main(["train", f"--workdir={work}", *TINY, "train.log_every=1"]) == 0
+    assert yaml.safe_load((work / "config.yaml").read_text())["model"]["hidden_size"] == 8
+    events = read_metrics(work / "metrics.jsonl")
+    capsys.readouterr()
+    assert cli.main(["train", "--workdir", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "already at step 2" in out and "not logged again" in out
+    assert read_metrics(work / "metrics.jsonl") == events
+
+
+def test_files_in_the_run_dir_that_are_not_ours_are_kept(tmp_path, capsys):
+    work = tmp_path / "exp"
+    work.mkdir()
+    mine = work / "config.yaml"
+    mine.write_text("# my notes\ntrain:\n  steps: 2\n", encoding="utf-8")
+    for argv in (["train", str(mine), f"--workdir={work}"], ["train", f"--workdir={work}"]):
+        assert cli.main(argv) == 2
+        assert "holds config.yaml not written by lstm-jax" in capsys.readouterr().err
+    assert mine.read_text(encoding="utf-8") == "# my notes\ntrain:\n  steps: 2\n"
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    assert cli.main(["train", f"--workdir={tmp_path / 'afile'}"]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_malformed_yaml_and_bad_bench_counts_are_usage_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {hidden_size: 8\n", encoding="utf-8")
+    assert cli.main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"config file '{bad}' is not valid YAML at line 2" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["bench", "--repeats", "0"])
+    assert stop.value.code == 2 and "--repeats: must be >= 1" in capsys.readouterr().err
+
+
 def test_resuming_with_a_different_model_is_refused(tmp_path, capsys):
     work = tmp_path / "run"
     (work / "checkpoints" / "5").mkdir(parents=True)  # looks like a run with a checkpoint

@@ -325,6 +325,28 @@ ERRORS = [
     (lambda p: lstm(p, jnp.ones((2, 3, F)), backend="fast"), "backend must be one of"),
     (lambda p: lstm(p, jnp.ones((2, 3, F)), backend="cudnn"), 'backend="cudnn" cannot run'),
     (lambda p: lstm(p, jnp.ones((2, 3, F)), backend="pallas"), 'backend="pallas" cannot run'),
+    (lambda p: lstm(p, jnp.ones((2, 3, F)), seq_lengths=jnp.array([4, 3])),
+     r"seq_lengths must lie in \[0, T=3\] .*got \[4\]"),
+    (lambda p: lstm(p, jnp.ones((2, 3, F)), seq_lengths=jnp.array([-1, 3])), r"got \[-1\]"),
+    (lambda p: lstm(p, jnp.ones((2, 3, F)), compute_dtype=jnp.int32),
+     "compute_dtype must be a floating-point dtype, got int32"),
+    (lambda p: lstm(p, jnp.ones((2, 3, F)), batch_first="no"), "batch_first must be True or False"),
+    (lambda p: init_lstm(jax.random.key(0), F, H, dtype=jnp.int32),
+     "dtype must be a floating-point dtype, got int32"),
+    (lambda p: init_lstm(jax.random.key(0), F, H, bidirectional="yes"),
+     "bidirectional must be True or False, got 'yes'"),
+    (lambda p: init_lstm(jax.random.key(0), F, H, forget_bias="1"), "forget_bias must be a number"),
+    (lambda p: lstm_cell(init_lstm(jax.random.key(0), F, H), LSTMState(jnp.zeros((2, H)),
+                         jnp.zeros((2, H))), jnp.ones((2, F))),
+     r"cell_params must be an LSTMCellParams, got LSTMParams \(pass one layer"),
+    (lambda p: lstm_cell(p.layers[0][0], LSTMState(jnp.zeros((2, H)), jnp.zeros((2, H))),
+                         jnp.ones((2, F + 1))), rf"x must have shape \(B, {F}\) or \({F},\)"),
+    (lambda p: lstm_cell(p.layers[0][0], LSTMState(jnp.zeros((2, H - 1)), jnp.zeros((2, H))),
+                         jnp.ones((2, F))), rf"state.h must have shape \(B, {H}\)"),
+    (lambda p: lstm_cell(p.layers[0][0], LSTMState(jnp.zeros((3, H)), jnp.zeros((3, H))),
+                         jnp.ones((2, F))), "must share their batch shape"),
+    (lambda p: lstm_cell(p.layers[0][0], jnp.zeros((2, H)), jnp.ones((2, F))),
+     "state must be an LSTMState"),
 ]
 
 
@@ -339,3 +361,25 @@ def test_errors_are_raised_at_trace_time_under_jit():
     params = init_lstm(jax.random.key(0), F, H)
     with pytest.raises(ValueError, match="features"):
         jax.jit(lambda x: lstm(params, x))(jnp.ones((2, 3, F + 2)))
+
+
+def test_out_of_range_lengths_are_clipped_under_jit():
+    # Traced lengths cannot raise: a length past T runs as T (no NaN from reading past the end
+    # in the reverse direction), a negative one as 0.
+    params = init_lstm(jax.random.key(0), F, H, bidirectional=True)
+    x = jax.random.normal(jax.random.key(1), (3, 6, F))
+    run = jax.jit(lambda n: lstm(params, x, seq_lengths=n))
+    y, state = run(jnp.array([9, -2, 4]))
+    y_ref, state_ref = run(jnp.array([6, 0, 4]))  # same program: bit-equal
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(state.h, state_ref.h)
+    assert np.isfinite(np.asarray(y)).all()
+
+
+def test_lstm_cell_takes_a_plain_pair_as_state():
+    p = init_lstm(jax.random.key(0), F, H).layers[0][0]
+    h, c = jnp.full((2, H), 0.3), jnp.full((2, H), -0.2)
+    x = jnp.ones((2, F))
+    (state_a, y_a), (state_b, y_b) = lstm_cell(p, (h, c), x), lstm_cell(p, LSTMState(h, c), x)
+    np.testing.assert_array_equal(y_a, y_b)
+    np.testing.assert_array_equal(state_a.c, state_b.c)

@@ -153,3 +153,22 @@ def test_init_pytorch_matches_torch_distribution():
     combined = (theirs.bias_ih_l0 + theirs.bias_hh_l0).detach().numpy()
     np.testing.assert_allclose(np.std(ours.b), np.std(combined), rtol=0.15)
     assert lstm_jax.LSTMState._fields == ("h", "c")
+
+
+def test_bfloat16_weights_cross_both_ways_exactly():
+    # NumPy has no bfloat16 that torch reads: from_torch goes through float32 (exact), to_torch
+    # hands float32 back, and load_state_dict rounds it into the bf16 module unchanged.
+    module = torch.nn.LSTM(3, 5, num_layers=2).bfloat16()
+    params = from_torch(module.state_dict())
+    cell = params.layers[1][0]
+    assert cell.w_ih.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(cell.w_hh, np.float32),
+                                  module.weight_hh_l1.detach().float().numpy().T)
+    exported = to_torch(params)
+    assert exported["weight_ih_l0"].dtype == np.float32
+    back = torch.nn.LSTM(3, 5, num_layers=2).bfloat16()
+    back.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()})
+    for name in ("weight_ih_l0", "weight_hh_l0", "weight_ih_l1", "weight_hh_l1"):
+        assert torch.equal(getattr(back, name), getattr(module, name)), name
+    summed = (module.bias_ih_l0.float() + module.bias_hh_l0.float()).bfloat16()
+    assert torch.equal(back.bias_ih_l0 + back.bias_hh_l0, summed)

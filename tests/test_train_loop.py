@@ -17,7 +17,7 @@ import pytest
 from lstm_jax import cli
 from lstm_jax.train import tasks as tasks_mod
 from lstm_jax.train.checkpoint import Checkpointer
-from lstm_jax.train.config import load_config
+from lstm_jax.train.config import ConfigError, load_config
 from lstm_jax.train.loop import get_trainer, train_and_evaluate
 from lstm_jax.train.progress import read_metrics
 
@@ -208,3 +208,23 @@ def test_time_limit_stops_with_a_checkpoint_and_an_eval(tmp_path):
     events = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert events[-1]["split"] == "eval" and events[-1]["chance"] == {"mse": pytest.approx(1 / 6)}
     json.dumps(events)
+
+
+def test_raising_steps_keeps_the_cosine_when_decay_steps_spells_it_out(tmp_path):
+    # decay_steps=0 means "the cosine spans train.steps"; to run on past the end of a finished
+    # cosine, a resumed run may set decay_steps to the old train.steps (the same schedule).
+    cosine = ["optim.schedule=warmup_cosine", "optim.warmup_steps=1", "optim.lr=0.01",
+              "train.log_every=1"]
+    first = load_config(None, [*TINY, *cosine, "train.steps=4"])
+    train_and_evaluate(first, tmp_path / "run", quiet=True)
+    more = load_config(None, [*TINY, *cosine, "train.steps=6", "optim.decay_steps=4"])
+    assert train_and_evaluate(more, tmp_path / "run", quiet=True).status == "done"
+    lrs = {e["step"]: e["lr"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl")
+           if e["split"] == "train"}
+    # Step s logs the rate of update s, i.e. schedule(s - 1); warmup_cosine_decay_schedule(0,
+    # 0.01, warmup 1, decay 4) is a cosine from count 1 to 4 (3 counts), then its end value 0.
+    expected = {s: 0.01 * 0.5 * (1 + np.cos(np.pi * min(s - 2, 3) / 3)) for s in range(2, 7)}
+    assert [round(lrs[s], 7) for s in range(2, 7)] == [round(expected[s], 7) for s in range(2, 7)]
+    with pytest.raises(ConfigError, match="optim.decay_steps: this run dir was started with 4"):
+        train_and_evaluate(load_config(None, [*TINY, *cosine, "train.steps=8",
+                                              "optim.decay_steps=5"]), tmp_path / "run")

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "CONFIG_HEADER",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -102,7 +103,7 @@ class ModelConfig:
     proj_size: int = _f(0, ge=0, core=True, doc="0: no projection of h")
     bias: bool = _f(True, core=True)
     forget_bias: float = _f(1.0, core=True)
-    init: str = _f("default", core=True)
+    init: str = _f("default", choices=("default", "pytorch"), core=True)
     dropout: float = _f(0.0, ge=0.0, lt=1.0, core=True, doc="between stacked LSTM layers")
     peephole: bool = _f(False, core=True, doc="Gers & Schmidhuber 2000")
     layer_norm: bool = _f(False, core=True, doc="Ba et al. 2016")
@@ -406,7 +407,10 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {what}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -463,9 +467,15 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The first line of a run dir's config.yaml: how a run dir tells its own record from a file a
+# user put there (which a run must not overwrite).
+CONFIG_HEADER = "# lstm-jax: the resolved config of this run"
+
+
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    text = (f"{CONFIG_HEADER} (all keys; edit the config you started from, "
+            f"not this record)\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     tmp = Path(f"{path}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

@@ -29,12 +29,14 @@ import yaml
 from lstm_jax.train import distributed as dist
 from lstm_jax.train.checkpoint import Checkpointer
 from lstm_jax.train.config import (
+    CONFIG_HEADER,
     Config,
     ConfigError,
     OptimConfig,
     config_from_dict,
     config_to_dict,
     dump_config,
+    read_yaml,
 )
 from lstm_jax.train.model import Model, make_model
 from lstm_jax.train.progress import MetricsLog, ProgressBar
@@ -184,6 +186,9 @@ class Trainer:
         batch = jax.eval_shape(lambda step: self.task.train_batch(step, self.batch_size),
                                jax.ShapeDtypeStruct((), jnp.int32))
         self.batch_sharding = self.dp.batch_sharding(batch)
+        self.abstract_batch = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), batch,
+            self.batch_sharding)
         self.train_step = jax.jit(self._train_step, donate_argnums=0,
                                   out_shardings=(self.state_sharding, replicated))
         self.make_batch = jax.jit(lambda step: self.task.train_batch(step, self.batch_size),
@@ -311,6 +316,52 @@ def get_trainer(cfg: Config) -> Trainer:
     return trainer
 
 
+def build_trainer(cfg: Config) -> Trainer:
+    """:func:`get_trainer`, and one abstract trace of the training step.
+
+    Values the schema cannot judge alone (``model.lstm_kwargs``, ``optim.kwargs``, a variant's
+    rate) are checked by ``lstm_jax`` and optax when the model is built and first traced; their
+    ``ValueError``/``TypeError`` comes back as a :class:`ConfigError` here, before a run dir
+    is made. The trace is cached: the first real step does not trace again.
+    """
+    try:
+        trainer = get_trainer(cfg)
+        jax.eval_shape(trainer.train_step, trainer.abstract_state(), trainer.abstract_batch)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model/optim: the core library rejected this config: {first}") from None
+    return trainer
+
+
+def check_workdir(workdir: str | Path) -> None:
+    """Refuse a run dir that would lose or misread what is already in it.
+
+    A new run writes ``config.yaml``, ``task.json``, ``metrics.jsonl`` and ``checkpoints/``;
+    a directory that holds some of these without being a run dir of ours keeps them.
+    """
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir}: exists and is not a directory")
+    if not workdir.is_dir():
+        return
+    config = workdir / "config.yaml"
+    ours = config.is_file() and config.read_text(encoding="utf-8", errors="replace").startswith(
+        CONFIG_HEADER)
+    has_checkpoints = any((workdir / "checkpoints").glob("[0-9]*"))
+    if has_checkpoints and not config.is_file():
+        raise ConfigError(f"--workdir {workdir}: has checkpoints but no config.yaml, so they "
+                          f"cannot be matched to a config; restore {config} or use a new run dir")
+    if ours or has_checkpoints:
+        return  # a run of ours: resume it
+    found = [n for n in ("config.yaml", "task.json", "metrics.jsonl") if (workdir / n).exists()]
+    if found:
+        raise ConfigError(f"--workdir {workdir}: holds {', '.join(found)} not written by "
+                          f"lstm-jax, which a new run would overwrite; choose another run dir "
+                          f"(a config file of yours belongs outside it)")
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
@@ -351,6 +402,9 @@ def check_resume_compatible(saved: dict[str, Any], cfg: Config) -> None:
             if section == "train" and k in RESUMABLE_KEYS:
                 continue
             old = (old_values or {}).get(k)
+            if section == "optim" and k == "decay_steps" and not old and (
+                    v == (saved.get("train") or {}).get("steps")):
+                continue  # the same cosine, now spelled out: train.steps may then grow alone
             if old != v:
                 raise ConfigError(f"{section}.{k}: this run dir was started with {old!r}, not "
                                   f"{v!r}; only train.{{{', '.join(sorted(RESUMABLE_KEYS))}}} may "
@@ -360,11 +414,9 @@ def check_resume_compatible(saved: dict[str, Any], cfg: Config) -> None:
 def read_run_config(workdir: str | Path) -> Config:
     """The resolved config saved in a run dir."""
     path = Path(workdir) / "config.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{workdir}: not a run dir (cannot read config.yaml: {e})") from None
-    return config_from_dict(data)
+    if not path.is_file():
+        raise ConfigError(f"{workdir}: not a run dir (no config.yaml)")
+    return config_from_dict(read_yaml(path))
 
 
 class _SignalCatcher:
@@ -416,6 +468,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, *, stop_at: int | None 
     """
     dist.initialize(cfg.distributed)  # before anything touches a device
     workdir = Path(workdir)
+    check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
     try:
@@ -433,9 +486,17 @@ def _train(cfg: Config, workdir: Path, ckpt: Checkpointer, stop_at: int | None,
             bar.message(text)
 
     latest = ckpt.latest_step()
+    notes = []
     if latest is not None and (workdir / "config.yaml").exists():
         saved = yaml.safe_load((workdir / "config.yaml").read_text(encoding="utf-8"))
         check_resume_compatible(saved, cfg)
+        old_steps = (saved.get("train") or {}).get("steps")
+        if (cfg.optim.schedule == "warmup_cosine" and not cfg.optim.decay_steps
+                and old_steps is not None and old_steps != cfg.train.steps):
+            notes.append(f"note: optim.decay_steps=0 ties the cosine to train.steps, which went "
+                         f"{old_steps} -> {cfg.train.steps}: the learning rate follows the new "
+                         f"curve from step {latest} on (optim.decay_steps={old_steps} would keep "
+                         f"the old one)")
 
     trainer = get_trainer(cfg)
     task = trainer.task
@@ -466,6 +527,9 @@ def _train(cfg: Config, workdir: Path, ckpt: Checkpointer, stop_at: int | None,
         say(trainer.dp.describe())
     if latest is not None:
         say(f"resuming from step {latest} ({ckpt.directory}/{latest})")
+    for note in notes:
+        say(note)
+    start_step = step
     if step >= total:
         say(f"already at step {step} >= train.steps={total}; raise train.steps to continue")
 
@@ -543,19 +607,27 @@ def _train(cfg: Config, workdir: Path, ckpt: Checkpointer, stop_at: int | None,
                     status = "time_limit"
                     break
         bar.close()
+        resume = f"lstm-jax train --workdir {workdir}"
+        if step == start_step and status == "done":
+            # Nothing trained (already finished): report, but write nothing new.
+            last_eval = trainer.evaluate(state.params)
+            say(f"eval step {step}: {_fmt(last_eval, task.chance)} (not logged again)")
+            return TrainResult(status, step, last_eval, str(workdir), signum)
         ckpt.save(step, state, meta())
         if status == "interrupted":
             why = signal.Signals(signum).name if signum else "stop_at"
             say(f"interrupted ({why}) at step {step}; checkpoint saved in {ckpt.directory}. "
-                f"Run the same command again to resume.")
+                f"To resume: {resume}")
         else:
             if last_eval_step != step:
                 run_eval()
             if status == "time_limit":
-                say(f"time limit of {cfg.train.time_limit:g} min reached at step {step}/{total}; "
-                    f"checkpoint saved; run again to continue.")
-            say(f"done: step {step}, {format_time(now())} of training; eval "
-                f"{_fmt(last_eval, task.chance)}")
+                say(f"stopped by the time limit ({cfg.train.time_limit:g} min) at step "
+                    f"{step}/{total}, {format_time(now())} of training; checkpoint saved. "
+                    f"To continue: {resume}")
+            else:
+                say(f"done: step {step}, {format_time(now())} of training; eval "
+                    f"{_fmt(last_eval, task.chance)}")
     finally:
         bar.close()
     return TrainResult(status, step, last_eval, str(workdir), signum)
@@ -584,6 +656,8 @@ def restore_run(workdir: str | Path, step: int | None = None
     """Config, trainer and state of a run dir's newest checkpoint (or of ``step``), on as many
     of this machine's devices as split the run's batch."""
     cfg = dist.mesh_for_here(read_run_config(workdir))
+    if step is None and not any((Path(workdir) / "checkpoints").glob("[0-9]*")):
+        raise ConfigError(f"{workdir}: no checkpoint yet")
     ckpt = Checkpointer(Path(workdir) / "checkpoints", keep=cfg.train.keep_checkpoints)
     try:
         step = ckpt.latest_step() if step is None else step

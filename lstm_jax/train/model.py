@@ -26,6 +26,11 @@ _RESERVED = {"key", "input_size", "hidden_size", "params", "x", "initial_state",
              "batch_first"}
 
 
+# Typed model keys the trainer itself reads (the state's and the readout's sizes): in
+# lstm_kwargs they would reach the core without it.
+_SIZED_BY_TRAINER = {"num_layers", "bidirectional", "proj_size"}
+
+
 def split_core_kwargs(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Route ``cfg.core_kwargs()`` to ``(init_lstm kwargs, lstm kwargs)`` by the signatures.
 
@@ -34,6 +39,10 @@ def split_core_kwargs(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]
     """
     init_params = set(inspect.signature(lstm_jax.init_lstm).parameters) - _RESERVED
     call_params = set(inspect.signature(lstm_jax.lstm).parameters) - _RESERVED
+    for name in cfg.lstm_kwargs:
+        if name in _SIZED_BY_TRAINER:
+            raise ConfigError(f"model.lstm_kwargs.{name}: the trainer sizes the model from "
+                              f"model.{name}; set that instead")
     init_kw, call_kw = {}, {}
     for name, value in cfg.core_kwargs().items():
         where = f"model.{name}" if name in ModelConfig.__dataclass_fields__ else \

@@ -65,6 +65,8 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path:
     fig.suptitle(workdir.name)
     fig.tight_layout()
     path = Path(out) if out is not None else workdir / "curves.png"
+    if not path.parent.is_dir():
+        raise ConfigError(f"--out {out}: no directory {str(path.parent)!r} to write into")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -57,8 +57,8 @@ def sample_run(workdir: str | Path, prompt: str, length: int, *, temperature: fl
     """Text from the newest checkpoint of a charlm run dir."""
     if length < 1:
         raise ConfigError(f"--length: must be >= 1, got {length}")
-    if temperature < 0:
-        raise ConfigError(f"--temperature: must be >= 0, got {temperature}")
+    if not (0 <= temperature < float("inf")):  # also rejects nan
+        raise ConfigError(f"--temperature: must be a finite number >= 0, got {temperature}")
     cfg, trainer, state, _ = restore_run(workdir)
     if cfg.task.name != "charlm":
         raise ConfigError(f"{workdir}: sample needs a charlm run, this one is {cfg.task.name}")
