@@ -452,7 +452,13 @@ def load_config(path: str | os.PathLike | None = None,
         config_dir = Path(path).resolve().parent
     data = apply_overrides(data, overrides)
     cfg = config_from_dict(data)
-    cfg.data.path = resolve_data_path(cfg.data.path, config_dir)
+    try:
+        cfg.data.path = resolve_data_path(cfg.data.path, config_dir)
+    except ConfigError as e:
+        if cfg.task.name != "classify":
+            raise
+        raise ConfigError(f"{e}; the demo set is written by: python -m lstm_jax.train.make_data "
+                          f"{cfg.data.path}") from None
     return cfg
 
 

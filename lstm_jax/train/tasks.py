@@ -19,6 +19,7 @@ parallel trainer can shard them over a mesh axis afterwards without the tasks kn
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +348,9 @@ class ClassifyTask(Task):
 
     def __init__(self, cfg: Config):
         path = cfg.data.path
+        if not zipfile.is_zipfile(path):  # np.load would call any other file pickled data
+            raise ConfigError(f"data.path: {path!r} is not an .npz archive (np.savez writes one "
+                              f"with x_train, y_train, x_test, y_test)")
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in f.files}
