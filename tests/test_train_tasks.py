@@ -205,5 +205,7 @@ def test_classify_features_and_bad_files(tmp_path):
                                             "train.batch_size=2"]))
     not_npz = tmp_path / "x.npz"
     not_npz.write_text("hello")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match=r"x.npz' is not an .npz archive \(np.savez"):
         ClassifyTask(load_config(None, ["task.name=classify", f"data.path={not_npz}"]))
+    with pytest.raises(ConfigError, match="make_data runs/none.npz"):
+        load_config(None, ["task.name=classify", "data.path=runs/none.npz"])
