@@ -15,6 +15,7 @@ from lstm_jax._cell import (
     draw_step_masks,
     input_preactivations,
     input_product,
+    matmul,
     recurrent_mask,
 )
 from lstm_jax._params import LSTMParams, LSTMState
@@ -96,7 +97,10 @@ def _between_layers(ys, layer, num_layers, dropout, key, dtype):
 
 def _finish(y, h_n, c_n, out_dtype, unbatched, batch_first):
     """Time-major results to the caller's layout and dtype."""
-    y, h_n, c_n = y.astype(out_dtype), h_n.astype(out_dtype), c_n.astype(out_dtype)
+    # c stays in the accumulation dtype (float32 for half-precision x), as lstm_cell returns
+    # it: a state carried from one call to the next is then not rounded at every boundary.
+    y, h_n = y.astype(out_dtype), h_n.astype(out_dtype)
+    c_n = c_n.astype(accumulation_dtype(out_dtype))
     if unbatched:
         return y[:, 0], LSTMState(h_n[:, 0], c_n[:, 0])
     if batch_first:
@@ -156,7 +160,8 @@ def lstm(
       unroll: time steps per loop iteration; None picks :func:`default_unroll` for the backend.
       compute_dtype: dtype of the matrix products (e.g. ``jnp.bfloat16`` for mixed precision);
         defaults to ``x.dtype``. Sums and the cell state stay in float32 (float64 for
-        float64 input) and outputs keep the dtype of ``x``.
+        float64 input); ``y`` and ``h_n`` keep the dtype of ``x``, ``c_n`` is returned in
+        that accumulation dtype.
       precision: ``jax.lax.Precision`` of the matrix products (e.g. ``"highest"`` to avoid
         TF32 on GPUs).
       remat: recompute the forward pass during the backward pass, keeping only about
@@ -165,7 +170,10 @@ def lstm(
         too, so no (T, B, 4H) array is kept: at T=10,000, B=8, H=256 ``jit(grad)`` needs
         130 MiB of working memory instead of 859 MiB (layer-norm LSTM: 145 instead of
         2735), for about 7% more time.
-      custom_grad: use the hand-written backward pass (True) or JAX autodiff of the scan.
+      custom_grad: use the hand-written backward pass (True) or JAX autodiff of the scan
+        (False). The hand-written one is reverse mode only (``jax.grad``, ``jax.vjp``,
+        ``jax.hessian``); forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) needs
+        ``custom_grad=False``.
       cell_clip: clip the cell state to ``[-cell_clip, cell_clip]`` after each update (as
         TensorFlow's ``LSTMCell(cell_clip=...)``); None: no clipping.
       zoneout_h, zoneout_c: zoneout rates of ``h`` and ``c`` (Krueger et al. 2017): with
@@ -258,6 +266,11 @@ def lstm(
         # (a length past T would make the reverse direction read outside the sequence).
         seq_lengths = jnp.clip(seq_lengths.reshape((B,)).astype(jnp.int32), 0, T)
         mask = jnp.arange(T)[:, None] < seq_lengths[None, :]
+    if T == 0 or B == 0:
+        # Nothing to run (the loops and their gradients index a step and a row): no outputs,
+        # the final state is the initial one.
+        y = jnp.zeros((T, B, D * H_out), dtype)
+        return _finish(y, h0, c0, out_dtype, unbatched, batch_first)
     reverse_index = _reverse_index(T, seq_lengths) if D == 2 else None
 
     unroll = default_unroll() if unroll is None else unroll
@@ -311,12 +324,12 @@ def lstm(
         ]
 
     y, h_n, c_n = _layer_loop(params, x, h0, c0, mask, reverse_index, run, direction_inputs,
-                              dropout, key, dtype, acc, precision, project)
+                              dropout, key, dtype, acc, precision, project, custom_grad)
     return _finish(y, h_n, c_n, out_dtype, unbatched, batch_first)
 
 
 def _layer_loop(params, x, h0, c0, mask, reverse_index, run, direction_inputs, dropout, key,
-                dtype, acc, precision, project=True):
+                dtype, acc, precision, project=True, custom_grad=True):
     """Stacks the layers and runs both directions of each; shared by the plain and variant paths.
 
     ``run(xs, args, mask) -> (ys, (h_T, c_T))`` is one direction's time loop;
@@ -337,7 +350,9 @@ def _layer_loop(params, x, h0, c0, mask, reverse_index, run, direction_inputs, d
         if project:
             # One large product for all steps and both directions.
             w_ih = jnp.concatenate([p.w_ih.astype(dtype) for p in directions], axis=1)
-            xs = jnp.split(input_product(layer_input, w_ih, acc, precision), D, axis=-1)
+            # custom_grad=False: plain autodiff all the way (forward mode included).
+            product = input_product if custom_grad else matmul
+            xs = jnp.split(product(layer_input, w_ih, acc, precision), D, axis=-1)
         else:
             xs = [layer_input] * D
         states = slice(layer * D, (layer + 1) * D)
@@ -415,5 +430,5 @@ def _variant_lstm(params, x, h0, c0, mask, reverse_index, opts, dropout, key, un
         return inputs
 
     y, h_n, c_n = _layer_loop(params, x, h0, c0, mask, reverse_index, run, direction_inputs,
-                              dropout, key, dtype, acc, precision, project)
+                              dropout, key, dtype, acc, precision, project, custom_grad)
     return _finish(y, h_n, c_n, out_dtype, unbatched, batch_first)

@@ -242,11 +242,10 @@ def remat_recurrence(unroll, precision, chunk, x, w_ih, w_hh, w_hr, h0, c0, mask
     and ``ys`` (both of the caller) and ``dx``: working memory O(T/chunk + chunk) steps
     instead of O(T) gate activations, for one extra forward pass (Chen et al. 2016).
     """
-    acc = c0.dtype
-    xw = matmul(x, w_ih, acc, precision)
-    (h, c), (ys, _, _) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision,
-                                      save=False)
-    return ys, (h, c)
+    # The primal is the forward rule without its residuals: the same chunked program, so that
+    # jax.checkpoint + vmap around it sees one output layout (JAX 0.10 mis-batches a slice
+    # when the primal and the forward rule build ys differently).
+    return _remat_fwd(unroll, precision, chunk, x, w_ih, w_hh, w_hr, h0, c0, mask, b)[0]
 
 
 def _remat_fwd(unroll, precision, chunk, x, w_ih, w_hh, w_hr, h0, c0, mask, b):
@@ -518,12 +517,9 @@ def variant_remat_recurrence(unroll, precision, chunk, opts, x, in_params, w_hh,
     chunk's ``LN(x @ w_ih) + b`` and loop, differentiates the loop, then the input function
     (``jax.vjp``: ``dW_ih`` one product per chunk), summing the parameter gradients.
     """
-    acc = c0.dtype
-    (h, c), (ys, _, _) = _run_variant_forward(
-        _variant_inputs(x, in_params, acc, precision), w_hh, w_hr, extras, rmask, h0, c0, mask,
-        masks, opts, unroll, precision,
-    )
-    return ys, (h, c)
+    # As remat_recurrence: the forward rule's program, residuals dropped.
+    return _variant_remat_fwd(unroll, precision, chunk, opts, x, in_params, w_hh, w_hr, extras,
+                              h0, c0, mask, rmask, masks)[0]
 
 
 def _variant_remat_fwd(unroll, precision, chunk, opts, x, in_params, w_hh, w_hr, extras, h0, c0,

@@ -12,7 +12,7 @@ Example::
     import lstm_jax.linen
 
     model = lstm_jax.linen.LSTM(input_size=8, hidden_size=32, zoneout_c=0.1)
-    variables = model.init(jax.random.key(0), x)
+    variables = model.init(jax.random.key(0), x, deterministic=True)
     y, state = model.apply(variables, x, deterministic=False, rngs={"dropout": key})
     y, state = model.apply(variables, x, deterministic=True)
 """
@@ -223,15 +223,19 @@ class LSTMCell(nn.RNNCellBase):
             recurrent_dropout=self.recurrent_dropout, candidate_dropout=self.candidate_dropout,
             key=key, recurrent_key=recurrent_key,
         )
-        return (state.c, state.h), y
+        # The carry keeps initialize_carry's dtypes (float32, or float64 parameters' float64),
+        # so nn.RNN's scan sees the same carry type for bfloat16 inputs too; y has x's dtype.
+        return (state.c.astype(c.dtype), state.h.astype(h.dtype)), y
 
     @nn.nowrap
     def initialize_carry(self, rng: Array, input_shape: tuple[int, ...]) -> tuple[Array, Array]:
-        """Zeros ``(c: (*batch, H), h: (*batch, H_out))`` for inputs of ``input_shape``."""
+        """Zeros ``(c: (*batch, H), h: (*batch, H_out))`` for inputs of ``input_shape``,
+        in float32 (float64 when ``param_dtype`` is)."""
         del rng
         batch = tuple(input_shape[:-1])
-        return (jnp.zeros(batch + (self.features,), jnp.float32),
-                jnp.zeros(batch + (self.proj_size or self.features,), jnp.float32))
+        dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+        return (jnp.zeros(batch + (self.features,), dtype),
+                jnp.zeros(batch + (self.proj_size or self.features,), dtype))
 
     @property
     def num_feature_axes(self) -> int:

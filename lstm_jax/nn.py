@@ -127,7 +127,15 @@ class LSTM(nnx.Module):
         x = jax.ShapeDtypeStruct((1, 1, params.input_size), params.layers[0][0].w_ih.dtype)
         jax.eval_shape(lambda p, x: lstm(p, x, **self._call_options()), params, x)
         if self.stochastic:
-            self.rngs = rngs["dropout"].fork()
+            try:
+                self.rngs = rngs["dropout"].fork()
+            except KeyError:
+                if not options.get("deterministic"):
+                    raise ValueError(
+                        "a random option (dropout, zoneout, ...) is on: rngs needs a 'dropout' "
+                        "stream or a default one, e.g. nnx.Rngs(0) or nnx.Rngs(params=0, "
+                        "dropout=1)") from None
+                self.rngs = nnx.data(None)  # evaluation only; a train() call must pass rngs
         else:
             self.rngs = nnx.data(None)
 

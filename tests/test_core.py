@@ -383,3 +383,68 @@ def test_lstm_cell_takes_a_plain_pair_as_state():
     (state_a, y_a), (state_b, y_b) = lstm_cell(p, (h, c), x), lstm_cell(p, LSTMState(h, c), x)
     np.testing.assert_array_equal(y_a, y_b)
     np.testing.assert_array_equal(state_a.c, state_b.c)
+
+
+def test_checkpoint_around_remat_under_vmap_and_both_directions():
+    # jax.checkpoint (flax's remat) around lstm(remat=True): bidirectional layers run through
+    # vmap, as does an ensemble; the gradients equal those without any rematerialisation.
+    x = jax.random.normal(jax.random.key(1), (2, 12, F))
+    params = init_lstm(jax.random.key(0), F, H, bidirectional=True)
+    got = jax.grad(jax.checkpoint(lambda p: jnp.sum(lstm(p, x, remat=True)[0] ** 2)))(params)
+    want = jax.grad(lambda p: jnp.sum(lstm(p, x)[0] ** 2))(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
+    ensemble = jax.vmap(lambda k: init_lstm(k, F, H))(jax.random.split(jax.random.key(2), 3))
+
+    def ensemble_grad(remat):
+        one = jax.checkpoint(lambda p: jnp.sum(lstm(p, x, remat=remat)[0][:, -1]))
+        return jax.grad(lambda e: jnp.sum(jax.vmap(one)(e)))(ensemble)
+
+    for g, w in zip(jax.tree.leaves(ensemble_grad(True)), jax.tree.leaves(ensemble_grad(False)),
+                    strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
+
+
+def test_forward_mode_with_custom_grad_false_equals_reverse_mode():
+    params = init_lstm(jax.random.key(0), F, H, num_layers=2)
+    x = jax.random.normal(jax.random.key(1), (2, 7, F))
+    loss = lambda x, custom: jnp.sum(jnp.tanh(lstm(params, x, custom_grad=custom)[0]))  # noqa: E731
+    forward = jax.jacfwd(lambda x: loss(x, False))(x)
+    reverse = jax.grad(lambda x: loss(x, True))(x)
+    np.testing.assert_allclose(forward, reverse, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda x: loss(x, True), (x,), (x,))
+
+
+@pytest.mark.parametrize("shape", [(2, 0, F), (0, 5, F)])
+@pytest.mark.parametrize("options", [{}, {"remat": True}, {"peephole": True}])
+def test_empty_time_or_batch_axes_run_and_differentiate(shape, options):
+    peephole = options.pop("peephole", False)
+    params = init_lstm(jax.random.key(0), F, H, bidirectional=True, peephole=peephole)
+    B = shape[0]
+    h0 = jnp.full((2, B, H), 0.5)
+    state0 = LSTMState(h0, jnp.zeros((2, B, H)))
+
+    def loss(p, h):
+        y, state = lstm(p, jnp.ones(shape), LSTMState(h, state0.c), **options)
+        return jnp.sum(y) + jnp.sum(state.h)
+
+    y, state = lstm(params, jnp.ones(shape), state0, **options)
+    assert y.shape == (B, shape[1], 2 * H)
+    np.testing.assert_array_equal(state.h, h0)  # no step: the initial state
+    dp, dh = jax.grad(loss, argnums=(0, 1))(params, h0)
+    assert all(float(jnp.max(jnp.abs(g), initial=0.0)) == 0.0 for g in jax.tree.leaves(dp))
+    np.testing.assert_array_equal(dh, jnp.ones_like(h0))  # d h_T / d h_0 = identity at T=0
+
+
+def test_cell_state_comes_back_in_float32_for_bfloat16_input():
+    params = init_lstm(jax.random.key(0), F, H)
+    x = jax.random.normal(jax.random.key(1), (2, 7, F)).astype(jnp.bfloat16)
+    y, state = lstm(params, x)
+    assert (y.dtype, state.h.dtype, state.c.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+    # The same c as lstm_cell's (float32) at the last step of a loop of cells.
+    cell_state = LSTMState(jnp.zeros((2, H), jnp.bfloat16), jnp.zeros((2, H), jnp.float32))
+    for t in range(7):
+        cell_state, _ = lstm_cell(params.layers[0][0], cell_state, x[:, t])
+        cell_state = LSTMState(cell_state.h.astype(jnp.bfloat16), cell_state.c)
+    np.testing.assert_allclose(state.c[0], cell_state.c, rtol=2e-2, atol=2e-2)

@@ -207,3 +207,27 @@ def test_linen_cell_training_masks_under_flax_rnn():
         {}, x, rngs={"dropout": jax.random.key(1), "recurrent_dropout": jax.random.key(2)})
     assert np.all(keys[:, :, :2] == keys[:, :1, :2])  # same key at every step
     assert not np.all(keys[:, :, 2:] == keys[:, :1, 2:])  # a fresh key per step
+
+
+def test_linen_cell_in_nn_rnn_takes_bfloat16_input_as_flax_cells_do():
+    x = jax.random.normal(jax.random.key(1), (4, 10, 8))
+    rnn = nn.RNN(lstm_jax.linen.LSTMCell(6))
+    variables = rnn.init(jax.random.key(0), x)
+    y32 = rnn.apply(variables, x)
+    y16 = rnn.apply(variables, x.astype(jnp.bfloat16))  # the carry stays float32 across steps
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(y16.astype(jnp.float32), y32, atol=3e-2)
+    reference = nn.RNN(nn.OptimizedLSTMCell(6))  # flax's own cell runs the same input
+    reference.apply(reference.init(jax.random.key(0), x), x.astype(jnp.bfloat16))
+
+
+def test_nnx_module_without_a_dropout_stream():
+    # Evaluation needs no random stream; training asks for one, naming how to pass it.
+    x = jnp.ones((2, 3, 8))
+    model = lstm_jax.nn.LSTM(8, 16, zoneout_c=0.3, deterministic=True, rngs=nnx.Rngs(params=0))
+    plain = lstm_jax.lstm(model.lstm_params, x, zoneout_c=0.3)
+    np.testing.assert_array_equal(model(x)[0], plain[0])
+    with pytest.raises(ValueError, match="training with random options needs rngs"):
+        model(x, deterministic=False)
+    with pytest.raises(ValueError, match="rngs needs a 'dropout' stream"):
+        lstm_jax.nn.LSTM(8, 16, zoneout_c=0.3, rngs=nnx.Rngs(params=0))
