@@ -409,7 +409,7 @@ def test_checkpoint_around_remat_under_vmap_and_both_directions():
 def test_forward_mode_with_custom_grad_false_equals_reverse_mode():
     params = init_lstm(jax.random.key(0), F, H, num_layers=2)
     x = jax.random.normal(jax.random.key(1), (2, 7, F))
-    loss = lambda x, custom: jnp.sum(jnp.tanh(lstm(params, x, custom_grad=custom)[0]))  # noqa: E731
+    loss = lambda x, custom: jnp.sum(jnp.tanh(lstm(params, x, custom_grad=custom)[0]))
     forward = jax.jacfwd(lambda x: loss(x, False))(x)
     reverse = jax.grad(lambda x: loss(x, True))(x)
     np.testing.assert_allclose(forward, reverse, rtol=1e-5, atol=1e-6)
