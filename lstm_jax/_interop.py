@@ -29,9 +29,9 @@ def _to_numpy(value) -> np.ndarray:
 
 
 def _for_torch(value) -> np.ndarray:
-    """A copy torch.from_numpy reads: bfloat16 (which NumPy holds as ml_dtypes) as float32."""
+    """A new array torch.from_numpy reads: bfloat16 (NumPy holds it as ml_dtypes) as float32."""
     a = np.asarray(value)
-    return a.astype(np.float32) if a.dtype == jnp.bfloat16 else a.copy()
+    return np.array(a, np.float32 if a.dtype == jnp.bfloat16 else a.dtype)
 
 
 def from_torch(state_dict: Mapping, dtype=None) -> LSTMParams:
@@ -141,11 +141,11 @@ def to_torch(params: LSTMParams) -> dict[str, np.ndarray]:
                     "blocks: torch.nn.LSTM cannot represent it"
                 )
             suffix = f"_l{layer}" + ("_reverse" if d else "")
-            out["weight_ih" + suffix] = _for_torch(p.w_ih).T.copy()
-            out["weight_hh" + suffix] = _for_torch(p.w_hh).T.copy()
+            out["weight_ih" + suffix] = _for_torch(p.w_ih.T)
+            out["weight_hh" + suffix] = _for_torch(p.w_hh.T)
             if p.b is not None:
                 out["bias_ih" + suffix] = _for_torch(p.b)
                 out["bias_hh" + suffix] = np.zeros_like(out["bias_ih" + suffix])
             if p.w_hr is not None:
-                out["weight_hr" + suffix] = _for_torch(p.w_hr).T.copy()
+                out["weight_hr" + suffix] = _for_torch(p.w_hr.T)
     return out

@@ -182,7 +182,7 @@ def recurrence(unroll, precision, xw, w_hh, w_hr, h0, c0, mask, b=None):
     dtype. For long sequences see :func:`remat_recurrence`.
     """
     (h, c), (ys, _, _) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision,
-                                      save=False)
+                                        save=False)
     return ys, (h, c)
 
 
@@ -256,7 +256,7 @@ def _remat_fwd(unroll, precision, chunk, x, w_ih, w_hh, w_hr, h0, c0, mask, b):
         x_k, m_k = inputs
         xw_k = matmul(x_k, w_ih, acc, precision)
         new_carry, (ys_k, _, _) = _run_forward(xw_k, b, w_hh, w_hr, *carry, m_k, unroll,
-                                               precision, save=False)
+                                                 precision, save=False)
         return new_carry, (ys_k, carry)
 
     (h, c), (ys_c, starts) = jax.lax.scan(chunk_step, (h0, c0), (x_c, mask_c))
@@ -316,7 +316,7 @@ remat_recurrence.defvjp(_remat_fwd, _remat_bwd)
 def recurrence_autodiff(unroll, precision, xw, w_hh, w_hr, h0, c0, mask, b=None):
     """The same loop differentiated by JAX's own autodiff (a reference for tests and benchmarks)."""
     (h, c), (ys, _, _) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision,
-                                      save=False)
+                                        save=False)
     return ys, (h, c)
 
 

@@ -335,6 +335,11 @@ def build_trainer(cfg: Config) -> Trainer:
     return trainer
 
 
+def _has_checkpoints(workdir: Path) -> bool:
+    """Whether ``workdir/checkpoints`` holds a step directory (without creating it)."""
+    return any((workdir / "checkpoints").glob("[0-9]*"))
+
+
 def check_workdir(workdir: str | Path) -> None:
     """Refuse a run dir that would lose or misread what is already in it.
 
@@ -349,7 +354,7 @@ def check_workdir(workdir: str | Path) -> None:
     config = workdir / "config.yaml"
     ours = config.is_file() and config.read_text(encoding="utf-8", errors="replace").startswith(
         CONFIG_HEADER)
-    has_checkpoints = any((workdir / "checkpoints").glob("[0-9]*"))
+    has_checkpoints = _has_checkpoints(workdir)
     if has_checkpoints and not config.is_file():
         raise ConfigError(f"--workdir {workdir}: has checkpoints but no config.yaml, so they "
                           f"cannot be matched to a config; restore {config} or use a new run dir")
@@ -656,7 +661,7 @@ def restore_run(workdir: str | Path, step: int | None = None
     """Config, trainer and state of a run dir's newest checkpoint (or of ``step``), on as many
     of this machine's devices as split the run's batch."""
     cfg = dist.mesh_for_here(read_run_config(workdir))
-    if step is None and not any((Path(workdir) / "checkpoints").glob("[0-9]*")):
+    if step is None and not _has_checkpoints(Path(workdir)):
         raise ConfigError(f"{workdir}: no checkpoint yet")
     ckpt = Checkpointer(Path(workdir) / "checkpoints", keep=cfg.train.keep_checkpoints)
     try:
