@@ -19,7 +19,13 @@ from lstm_jax._cell import (
     recurrent_mask,
 )
 from lstm_jax._params import LSTMParams, LSTMState
-from lstm_jax.kernels import choose_backend, cudnn_lstm, pallas_product, pallas_recurrence
+from lstm_jax.kernels import (
+    choose_backend,
+    cpu_recurrence,
+    cudnn_lstm,
+    pallas_product,
+    pallas_recurrence,
+)
 from lstm_jax._recurrence import (
     recurrence,
     recurrence_autodiff,
@@ -186,13 +192,16 @@ def lstm(
         (Semeniuta et al. 2016, "recurrent dropout without memory loss"): a fresh mask at
         each step; only with ``key``.
 
-      backend: ``"auto"``, ``"scan"``, ``"pallas"`` or ``"cudnn"``. ``"scan"`` is the
-        ``lax.scan`` loop (every platform, every option); ``"pallas"`` a persistent GPU
-        kernel holding ``w_hh`` on chip (small hidden sizes, no projection or variants);
-        ``"cudnn"`` ``jax.experimental.rnn`` (GPU, float32, no projection or variants).
-        ``"auto"`` picks per platform and shape from measurements recorded in
-        :mod:`lstm_jax.kernels.select`: always ``"scan"`` on CPU and TPU. An explicit
-        backend that cannot run the call raises a ValueError saying why.
+      backend: ``"auto"``, ``"scan"``, ``"pallas"``, ``"cudnn"`` or ``"cpu"``. ``"scan"``
+        is the ``lax.scan`` loop (every platform, every option); ``"pallas"`` a persistent
+        GPU kernel holding ``w_hh`` on chip (small hidden sizes, no projection or variants);
+        ``"cudnn"`` ``jax.experimental.rnn`` (GPU, float32, no projection or variants);
+        ``"cpu"`` a C++ kernel running each layer's whole time loop in one XLA FFI call
+        (CPU, float32, no projection, variants or remat; compiled with the host's C++
+        compiler on first use, :mod:`lstm_jax.kernels.cpu_native`). ``"auto"`` picks per
+        platform and shape from measurements recorded in :mod:`lstm_jax.kernels.select`
+        (``"scan"`` on TPU, and wherever nothing else measured faster or applies). An
+        explicit backend that cannot run the call raises a ValueError saying why.
 
       Peephole, layer-norm and CIFG LSTMs are told by ``params`` (see :func:`init_lstm`).
       Every variant keeps the fast path: the input product is hoisted and the backward pass
@@ -299,6 +308,8 @@ def lstm(
     if chosen == "pallas":
         loop = functools.partial(pallas_recurrence, precision=precision,
                                  product=pallas_product(batch=B, hidden=H))
+    elif chosen == "cpu":
+        loop = functools.partial(cpu_recurrence, precision=precision)
     elif not project:
         loop = functools.partial(remat_recurrence, unroll, precision, remat_chunk(T))
     elif custom_grad:

@@ -124,7 +124,8 @@ MEMORY_SHAPES = [Shape(8, 10_000, 128, 256), Shape(32, 10_000, 128, 256)]
 class Variant(NamedTuple):
     """An lstm_jax configuration: ``lstm(params, x, **kwargs)``.
 
-    ``gpu_only`` variants are left out on other backends unless ``--impls`` names them.
+    ``gpu_only`` (``cpu_only``) variants are left out on other backends unless ``--impls``
+    names them.
     ``in_place``: force (True/False) whether the training forward pass writes the gate
     activations over ``x @ W_ih`` in place (``_recurrence.in_place_residuals``, CPU-only by
     default until measured elsewhere); None keeps the library's choice.
@@ -134,6 +135,11 @@ class Variant(NamedTuple):
     kwargs: dict
     gpu_only: bool = False
     in_place: bool | None = None
+    cpu_only: bool = False
+
+    def excluded_on(self, backend: str) -> bool:
+        """Whether this variant is left out of the default table on ``backend``."""
+        return (self.gpu_only and backend != "gpu") or (self.cpu_only and backend != "cpu")
 
 
 # One line per lstm_jax configuration to time. Issue 7 adds e.g.
@@ -147,7 +153,9 @@ LSTM_JAX_VARIANTS = [
     Variant("lstm_jax-inplace", {"backend": "scan"}, gpu_only=True, in_place=True),
     Variant("lstm_jax-bf16-inplace", {"backend": "scan", "compute_dtype": "bfloat16"},
             gpu_only=True, in_place=True),
-    Variant("lstm_jax-scan", {"backend": "scan"}, gpu_only=True),
+    Variant("lstm_jax-scan", {"backend": "scan"}),
+    # The C++ kernel through XLA's FFI (what "auto" picks on CPU where it measured faster).
+    Variant("lstm_jax-cpu", {"backend": "cpu"}, cpu_only=True),
     Variant("lstm_jax-pallas", {"backend": "pallas"}, gpu_only=True),
     Variant("lstm_jax-pallas-bf16", {"backend": "pallas", "compute_dtype": "bfloat16"}, gpu_only=True),
     Variant("lstm_jax-cudnn", {"backend": "cudnn"}, gpu_only=True),
@@ -386,15 +394,16 @@ def default_impls(backend: str, unrolls: list[int] | None = None) -> list[Impl]:
     return impls
 
 
-def _gpu_only(label: str) -> bool:
+def _excluded(label: str, backend: str) -> bool:
+    """Whether ``label`` is left out of the default table on ``backend``."""
     base = label.split(" u=")[0]
     if base in ("jax.experimental.rnn",) + TORCH_HALF:
-        return True
-    return any(v.label == base and v.gpu_only for v in LSTM_JAX_VARIANTS)
+        return backend != "gpu"
+    return any(v.label == base and v.excluded_on(backend) for v in LSTM_JAX_VARIANTS)
 
 
 def select_impls(impls: list[Impl], patterns: list[str] | None, backend: str) -> list[Impl]:
-    """Filters by fnmatch ``patterns`` on labels; GPU-only entries on GPU unless named."""
+    """Filters by fnmatch ``patterns`` on labels; GPU-only (CPU-only) entries there unless named."""
     chosen = []
     for impl in impls:
         if patterns:
@@ -405,9 +414,9 @@ def select_impls(impls: list[Impl], patterns: list[str] | None, backend: str) ->
             if not named:
                 continue
             exact = any(p in (impl.label, impl.label.split(" u=")[0]) for p in patterns)
-            if _gpu_only(impl.label) and backend != "gpu" and not exact:
+            if _excluded(impl.label, backend) and not exact:
                 continue
-        elif _gpu_only(impl.label) and backend != "gpu":
+        elif _excluded(impl.label, backend):
             continue
         chosen.append(impl)
     return chosen
@@ -797,6 +806,8 @@ MEMORY_VARIANTS = [
     Variant("lstm_jax-autodiff remat", {"custom_grad": False, "remat": True}),
     # Off CPU, the activations written over x @ W_ih in place (CPU's default), to compare.
     Variant("lstm_jax-inplace", {"backend": "scan"}, gpu_only=True, in_place=True),
+    Variant("lstm_jax-scan", {"backend": "scan"}),
+    Variant("lstm_jax-cpu", {"backend": "cpu"}, cpu_only=True),
 ]
 
 
@@ -852,7 +863,7 @@ def memory_results(shapes: list[Shape], log: Callable[[str], None] = print) -> l
         params = lstm_jax.init_lstm(jax.random.key(0), shape.D, shape.H, num_layers=shape.layers,
                                     bidirectional=shape.bidirectional)
         for v in MEMORY_VARIANTS:
-            if v.gpu_only and jax.default_backend() != "gpu":
+            if v.excluded_on(jax.default_backend()):
                 continue
 
             def loss(p, xx, kw=v.kwargs):

@@ -9,6 +9,7 @@
   products.
 """
 
+from lstm_jax.kernels.cpu_native import cpu_recurrence as cpu_recurrence
 from lstm_jax.kernels.cudnn import cudnn_lstm as cudnn_lstm
 from lstm_jax.kernels.cudnn import to_cudnn_weights as to_cudnn_weights
 from lstm_jax.kernels.pallas_lstm import fits_on_chip as fits_on_chip
@@ -20,6 +21,7 @@ from lstm_jax.kernels.select import pallas_product as pallas_product
 __all__ = [
     "BACKENDS",
     "choose_backend",
+    "cpu_recurrence",
     "cudnn_lstm",
     "fits_on_chip",
     "pallas_product",

@@ -1,12 +1,13 @@
-"""Which backend runs an LSTM call: ``"scan"``, ``"pallas"`` or ``"cudnn"``.
+"""Which backend runs an LSTM call: ``"scan"``, ``"pallas"``, ``"cudnn"`` or ``"cpu"``.
 
-``choose_backend("auto", ...)`` is "scan" on CPU and TPU. On an NVIDIA GPU it looks up the
-measured shape nearest to the call (by batch and hidden size) in :data:`MEASURED_GPU` and
-takes the fastest backend measured there among those that can run the call; a backend with
-no measurement at that shape is never picked, so ``"scan"`` is the fallback everywhere.
+``choose_backend("auto", ...)`` looks up the measured shape nearest to the call (by batch and
+hidden size) in the platform's table, :data:`MEASURED_GPU` on an NVIDIA GPU and
+:data:`MEASURED_CPU` on CPU, and takes the fastest backend measured there among those that
+can run the call; a backend with no measurement at that shape is never picked, so
+``"scan"`` is the fallback everywhere (and the only choice on TPU).
 
-An explicit ``"pallas"`` or ``"cudnn"`` that cannot run the call raises a ValueError that
-says why, rather than silently running something else.
+An explicit ``"pallas"``, ``"cudnn"`` or ``"cpu"`` that cannot run the call raises a
+ValueError that says why, rather than silently running something else.
 """
 
 from __future__ import annotations
@@ -17,7 +18,23 @@ import jax.numpy as jnp
 
 from lstm_jax.kernels import pallas_lstm
 
-BACKENDS = ("auto", "scan", "pallas", "cudnn")
+BACKENDS = ("auto", "scan", "pallas", "cudnn", "cpu")
+# Forward+backward time of one layer relative to torch.nn.LSTM (oneDNN) measured in the same
+# process on the 2-core AMD EPYC benchmark VM (2026-11-27, jax 0.10.2, torch 2.13.0;
+# `scripts/bench.py --impls 'lstm_jax-scan,lstm_jax-cpu,torch' --steady-malloc`, one run,
+# benchmarks/cpu-notes.md), keyed by (batch, steps, input_size, hidden). "cpu" is the C++
+# kernel (threads split the hidden units of one sequence, or take whole problems), "scan"
+# the lax.scan loop. The kernel wins at small batch, where the scan pays XLA's per-step
+# dispatch; at large B * H the scan's library products (YNNPACK, both cores) win.
+MEASURED_CPU: dict[tuple[int, int, int, int], dict[str, float]] = {
+    (1, 500, 64, 64): {"scan": 0.70, "cpu": 0.52},
+    (1, 1000, 32, 128): {"scan": 0.92, "cpu": 0.73},
+    (4, 1000, 32, 128): {"scan": 0.99, "cpu": 0.76},
+    (8, 1000, 128, 256): {"scan": 1.34, "cpu": 0.99},
+    (16, 500, 128, 128): {"scan": 1.07, "cpu": 0.96},
+    (32, 100, 128, 256): {"scan": 1.37, "cpu": 1.22},
+    (128, 50, 512, 512): {"scan": 1.24, "cpu": 1.41},
+}
 _NVIDIA = ("gpu", "cuda")
 
 # Forward+backward time of one layer relative to torch.nn.LSTM (cuDNN, float32) measured in
@@ -84,6 +101,30 @@ def cudnn_unsupported_reason(*, platform: str, proj: int, dtype, has_variants: b
     return None
 
 
+def cpu_unsupported_reason(*, platform: str, proj: int, dtype, has_variants: bool = False,
+                           remat: bool = False, build: bool = True) -> str | None:
+    """Why the C++ CPU kernel cannot run this call, or None when it can.
+
+    With ``build`` (the default) the kernel is compiled if no cached build exists, so that a
+    machine without a working compiler is told here.
+    """
+    if platform != "cpu":
+        return f"the C++ LSTM kernel runs only on CPU (platform is {platform!r})"
+    if proj:
+        return "the C++ LSTM kernel has no projection (proj_size) support"
+    if has_variants:
+        return "the C++ LSTM kernel implements only the plain LSTM cell, not the variants"
+    if remat:
+        return "the C++ LSTM kernel keeps all gate activations; remat=True needs the scan"
+    if not _is_float(dtype, jnp.float32):
+        return f"the C++ LSTM kernel supports float32 only, not {jnp.dtype(dtype)}"
+    if build:
+        from lstm_jax.kernels import cpu_native
+
+        return cpu_native.unavailable_reason()
+    return None
+
+
 def _cudnn_available() -> bool:
     from lstm_jax.kernels.cudnn import cudnn_available
 
@@ -135,10 +176,10 @@ def choose_backend(
     interpret: bool = False,
     table: dict | None = None,
 ) -> str:
-    """Resolves ``backend`` to ``"scan"``, ``"pallas"`` or ``"cudnn"`` for one LSTM call.
+    """Resolves ``backend`` to ``"scan"``, ``"pallas"``, ``"cudnn"`` or ``"cpu"`` for one call.
 
     Args:
-      backend: ``"auto"``, ``"scan"``, ``"pallas"`` or ``"cudnn"``.
+      backend: ``"auto"``, ``"scan"``, ``"pallas"``, ``"cudnn"`` or ``"cpu"``.
       platform: ``jax.default_backend()`` (or the platform of the inputs' device).
       batch, hidden: B and H of the call.
       proj: ``proj_size`` (0 without projection).
@@ -150,7 +191,8 @@ def choose_backend(
       dropout_active: inter-layer dropout with a key (cuDNN cannot reproduce our mask).
       custom_grad: False asks for autodiff of the scan (a reference): "auto" gives "scan".
       interpret: allow "pallas" off-GPU in interpret mode (tests only).
-      table: measurements to choose from; :data:`MEASURED_GPU` when None.
+      table: measurements to choose from; :data:`MEASURED_GPU` (NVIDIA GPU) or
+        :data:`MEASURED_CPU` (CPU) when None.
 
     Returns:
       The backend to run.
@@ -176,9 +218,20 @@ def choose_backend(
         if cudnn_reason:
             raise ValueError(f'backend="cudnn" cannot run this call: {cudnn_reason}')
         return "cudnn"
+    if backend == "cpu":
+        reason = cpu_unsupported_reason(platform=platform, proj=proj, dtype=dtype,
+                                        has_variants=has_variants, remat=remat)
+        if reason:
+            raise ValueError(f'backend="cpu" cannot run this call: {reason}')
+        return "cpu"
 
     # auto
-    if platform not in _NVIDIA or not custom_grad:
+    if not custom_grad:
+        return "scan"
+    if platform == "cpu":
+        return _auto_cpu(batch, hidden, proj, dtype, has_variants, remat,
+                         MEASURED_CPU if table is None else table)
+    if platform not in _NVIDIA:
         return "scan"
     table = MEASURED_GPU if table is None else table
     key = _nearest(batch, hidden, table)
@@ -194,3 +247,17 @@ def choose_backend(
     if not timed:
         return "scan"
     return min(timed, key=timed.get)
+
+
+def _auto_cpu(batch, hidden, proj, dtype, has_variants, remat, table) -> str:
+    """"cpu" where the C++ kernel measured faster at the nearest shape and can run the call."""
+    key = _nearest(batch, hidden, table)
+    if key is None:
+        return "scan"
+    measured = table[key]
+    if "cpu" not in measured or measured["cpu"] >= measured.get("scan", float("inf")):
+        return "scan"
+    # Checked last: the first use on a machine compiles the kernel.
+    reason = cpu_unsupported_reason(platform="cpu", proj=proj, dtype=dtype,
+                                    has_variants=has_variants, remat=remat)
+    return "cpu" if reason is None else "scan"

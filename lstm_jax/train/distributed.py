@@ -44,7 +44,7 @@ __all__ = ["DATA", "DataParallel", "agree", "barrier", "fit_mesh_size", "initial
 
 DATA = "data"  # the mesh axis the batch is split over
 
-_KERNELS = ("pallas", "cudnn")
+_KERNELS = ("pallas", "cudnn", "cpu")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,563 @@
+// A CPU LSTM recurrence for XLA's FFI: the whole time loop of one layer in one call.
+//
+// Why: at small batch an LSTM step is ~65k multiply-adds (B=1, H=128), so a lax.scan on
+// XLA:CPU spends most of each step dispatching its ~8 (forward) and ~14 (backward) thunks,
+// 0.4-0.7 us each (benchmarks/cpu-notes.md). Here a step is one register-blocked product
+// h @ W_hh plus the fused gate math, with no dispatch between steps.
+//
+// Contract (the same as lstm_jax._recurrence.recurrence, gate order i, f, g, o):
+//   z_t     = xw_t + b + h_{t-1} @ W_hh                   (B, 4H)
+//   i, f, o = sigmoid(z_i), sigmoid(z_f), sigmoid(z_o);  g = tanh(z_g)
+//   c_t     = f * c_{t-1} + i * g;   h_t = o * tanh(c_t)
+// Where mask[t, b] is false the state is carried unchanged and y_t is zero. The forward
+// pass saves the activated gates (over xw, in place, when XLA aliases the two) and c_{t-1};
+// the backward pass walks time in reverse carrying (dh, dc) and emits dz_t, from which the
+// caller forms the weight gradients as large products after the loop.
+//
+// Every array may carry leading "problem" dimensions (vmap, both directions of a
+// bidirectional layer): problems and blocks of batch rows are independent for the whole
+// loop, so they run on separate threads with no synchronisation inside the loop.
+//
+// float32 only. Built on first use by lstm_jax/kernels/cpu_native.py with the host's
+// compiler (-O3 -march=native).
+
+#include <algorithm>
+#include <chrono>
+#include <functional>
+#include <atomic>
+#include <memory>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+
+inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
+
+// tanh as a 13/6-degree odd/even rational function on [-9, 9] (the coefficients of Eigen's
+// generic_fast_tanh_float, which XLA:CPU also uses: a few ulp; |tanh| rounds to 1 beyond 9).
+// Written as plain arithmetic so that the compiler vectorises the loops that call it.
+inline float tanh_approx(float x) {
+  x = std::min(9.0f, std::max(-9.0f, x));
+  const float x2 = x * x;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 - 8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return (x * p) / q;
+}
+
+// The products' right operand is packed once per call into column panels: the panel of
+// columns [j, j + width) is stored row by row at offset K * j, so each step streams it
+// contiguously (a row-major W_hh read column block by column block strides 16 KiB per row at
+// H = 1024 and defeats the prefetcher). Full panels are kPanel wide, the tail 8 wide, and
+// the last N % 8 columns one panel of their own.
+constexpr int64_t kPanel = 64;
+
+inline int64_t panel_width(int64_t N, int64_t j) {
+  if (j + kPanel <= N / kPanel * kPanel) return kPanel;
+  if (j + 8 <= N / 8 * 8) return 8;
+  return N - j;
+}
+
+// packed[K * j + k * width + c] = w[k * ldw + j + c] for every panel [j, j + width).
+std::vector<float> pack_panels(const float* w, int64_t ldw, int64_t N, int64_t K) {
+  std::vector<float> packed(N * K);
+  for (int64_t j = 0; j < N;) {
+    const int64_t width = panel_width(N, j);
+    for (int64_t k = 0; k < K; ++k)
+      std::memcpy(packed.data() + K * j + k * width, w + k * ldw + j, width * sizeof(float));
+    j += width;
+  }
+  return packed;
+}
+
+// Accumulator registers to use: 16 of AVX-512's 32 vector registers, 8 of AVX2's 16.
+#if defined(__AVX512F__)
+constexpr int kAccumulators = 16;
+#else
+constexpr int kAccumulators = 8;
+#endif
+
+// z[r, c0 : c0 + 8V] += a[r, :K] @ panel[:K, c0 : c0 + 8V] for R rows, the R * V
+// accumulators held in registers across the whole K loop.
+template <int R, int V>
+inline void panel_block(const float* a, int64_t lda, const float* panel, int64_t width,
+                        int64_t c0, int64_t K, float* z, int64_t ldz) {
+  v8 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = load8(z + r * ldz + c0 + 8 * v);
+  const float* w = panel + c0;
+  for (int64_t k = 0; k < K; ++k, w += width) {
+    v8 wv[V];
+    for (int v = 0; v < V; ++v) {
+      wv[v] = load8(w + 8 * v);
+      // Keep the weight in a register: folded into each row's multiply-add instead, it is
+      // loaded R times and the loads, not the multiply-adds, bound the loop.
+#if defined(__x86_64__)
+      asm("" : "+x"(wv[v]));
+#elif defined(__aarch64__)
+      asm("" : "+w"(wv[v]));
+#endif
+    }
+    for (int r = 0; r < R; ++r) {
+      const v8 ar = splat8(a[r * lda + k]);
+      for (int v = 0; v < V; ++v) acc[r][v] += ar * wv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store8(z + r * ldz + c0 + 8 * v, acc[r][v]);
+}
+
+// One panel for R rows: split into column blocks of 8V with R * V <= kAccumulators.
+template <int R>
+inline void panel_rows(const float* a, int64_t lda, const float* panel, int64_t width, int64_t K,
+                       float* z, int64_t ldz) {
+  if (width == kPanel) {
+    constexpr int V = std::min<int>(kPanel / 8, kAccumulators / R);
+    for (int64_t c0 = 0; c0 < kPanel; c0 += 8 * V)
+      panel_block<R, V>(a, lda, panel, width, c0, K, z, ldz);
+  } else if (width == 8) {
+    panel_block<R, 1>(a, lda, panel, width, 0, K, z, ldz);
+  } else {
+    for (int r = 0; r < R; ++r)
+      for (int64_t c = 0; c < width; ++c) {
+        float sum = z[r * ldz + c];
+        for (int64_t k = 0; k < K; ++k) sum += a[r * lda + k] * panel[k * width + c];
+        z[r * ldz + c] = sum;
+      }
+  }
+}
+
+// z[:rows, :N] += a[:rows, :K] @ w[:K, :N], with w packed by pack_panels (row-major a and z,
+// leading dimensions lda and ldz).
+void product(const float* a, int64_t lda, const float* packed, int64_t N, int64_t K, float* z,
+             int64_t ldz, int64_t rows) {
+  for (int64_t j = 0; j < N;) {
+    const int64_t width = panel_width(N, j);
+    const float* panel = packed + K * j;
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4)
+      panel_rows<4>(a + r * lda, lda, panel, width, K, z + r * ldz + j, ldz);
+    for (; r + 2 <= rows; r += 2)
+      panel_rows<2>(a + r * lda, lda, panel, width, K, z + r * ldz + j, ldz);
+    for (; r < rows; ++r) panel_rows<1>(a + r * lda, lda, panel, width, K, z + r * ldz + j, ldz);
+    j += width;
+  }
+}
+
+struct Dims {
+  int64_t problems, steps, batch, hidden;
+};
+
+// A spinning barrier for the threads of one team: one wait per time step, so sleeping in
+// the kernel (microseconds) would cost more than the step. After a while it yields, so a
+// descheduled partner on a busy machine does not burn the core.
+class StepBarrier {
+ public:
+  explicit StepBarrier(int64_t size) : size_(size) {}
+  // `phase` counts the caller's own waits (each member keeps one).
+  void wait(int64_t& phase) {
+    if (size_ == 1) return;
+    const int64_t target = size_ * ++phase;
+    arrived_.fetch_add(1, std::memory_order_acq_rel);
+    for (int64_t spins = 0; arrived_.load(std::memory_order_acquire) < target; ++spins) {
+      if (spins > 4000) std::this_thread::yield();
+    }
+  }
+
+ private:
+  const int64_t size_;
+  std::atomic<int64_t> arrived_{0};
+};
+
+// The hidden units [u0, u1) of one team member. Each member owns these units' four gate
+// columns of W_hh (packed contiguously), their cell state and their part of h, so that a
+// team splits W_hh between the cores' caches; the members exchange h (forward) or dz
+// (backward) once per step.
+struct Part {
+  int64_t u0, u1;
+  int64_t width() const { return u1 - u0; }
+};
+
+// Column q * H + u0 + j of a (.., 4H) row is column q * n + j of the member's packed row.
+inline void gather_gates(const float* row, int64_t H, const Part& part, float* out) {
+  const int64_t n = part.width();
+  for (int q = 0; q < 4; ++q) std::memcpy(out + q * n, row + q * H + part.u0, n * sizeof(float));
+}
+
+inline void scatter_gates(const float* packed, int64_t H, const Part& part, float* row) {
+  const int64_t n = part.width();
+  for (int q = 0; q < 4; ++q) std::memcpy(row + q * H + part.u0, packed + q * n, n * sizeof(float));
+}
+
+struct ForwardArgs {
+  const float *xw, *bias, *w, *h0, *c0;
+  const bool* mask;
+  float *ys, *h_out, *c_out, *acts, *c_prev;
+  float* h_shared;  // (2, B, H): h_{t-1} and h_t, alternating, read by the whole team
+};
+
+// One team member's share of one problem's forward pass, all steps.
+void forward_part(const Dims& d, const ForwardArgs& a, const Part& part, StepBarrier& barrier) {
+  const int64_t H = d.hidden, G = 4 * H, B = d.batch, n = part.width(), g = 4 * n;
+  std::vector<float> own(H * g), bias(g), c(B * n), z(B * g);
+  for (int64_t k = 0; k < H; ++k) gather_gates(a.w + k * G, H, part, own.data() + k * g);
+  const std::vector<float> w = pack_panels(own.data(), g, g, H);
+  gather_gates(a.bias, H, part, bias.data());
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(c.data() + b * n, a.c0 + b * H + part.u0, n * sizeof(float));
+    std::memcpy(a.h_shared + b * H + part.u0, a.h0 + b * H + part.u0, n * sizeof(float));
+  }
+  int64_t phase = 0;
+  barrier.wait(phase);  // h_0 complete before any member's first product
+  for (int64_t t = 0; t < d.steps; ++t) {
+    const float* h = a.h_shared + (t % 2) * B * H;
+    float* h_next = a.h_shared + ((t + 1) % 2) * B * H;
+    for (int64_t b = 0; b < B; ++b) {
+      float* zr = z.data() + b * g;
+      gather_gates(a.xw + (t * B + b) * G, H, part, zr);
+      for (int64_t j = 0; j < g; ++j) zr[j] += bias[j];
+    }
+    product(h, H, w.data(), g, H, z.data(), g, B);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = t * B + b;
+      float* zr = z.data() + b * g;
+      // sigmoid(x) = 0.5 tanh(x / 2) + 0.5: one rational tanh for all four gates.
+      for (int64_t j = 0; j < g; ++j) {
+        const float k = (j >= 2 * n && j < 3 * n) ? 1.0f : 0.5f;
+        zr[j] = k * tanh_approx(k * zr[j]) + (1.0f - k);
+      }
+      const float *gi = zr, *gf = zr + n, *gg = zr + 2 * n, *go = zr + 3 * n;
+      float* cr = c.data() + b * n;
+      float* hn = h_next + b * H + part.u0;
+      float* yr = a.ys + row * H + part.u0;
+      if (a.c_prev != nullptr) std::memcpy(a.c_prev + row * H + part.u0, cr, n * sizeof(float));
+      if (a.mask == nullptr || a.mask[row]) {
+        for (int64_t j = 0; j < n; ++j) {
+          const float cn = gf[j] * cr[j] + gi[j] * gg[j];
+          cr[j] = cn;
+          hn[j] = go[j] * tanh_approx(cn);
+          yr[j] = hn[j];
+        }
+      } else {  // past the sequence's end: carry the state, output zero
+        std::memcpy(hn, h + b * H + part.u0, n * sizeof(float));
+        std::fill(yr, yr + n, 0.0f);
+      }
+      if (a.acts != nullptr) scatter_gates(zr, H, part, a.acts + row * G);
+    }
+    barrier.wait(phase);
+  }
+  const float* h_last = a.h_shared + (d.steps % 2) * B * H;
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(a.h_out + b * H + part.u0, h_last + b * H + part.u0, n * sizeof(float));
+    std::memcpy(a.c_out + b * H + part.u0, c.data() + b * n, n * sizeof(float));
+  }
+}
+
+struct BackwardArgs {
+  const float *w, *acts, *c_prev, *dys, *dh_in, *dc_in;
+  const bool* mask;
+  float *dz, *dh_out, *dc_out;
+};
+
+// One team member's share of one problem's backward pass, all steps in reverse. The member
+// forms dz for its units' gate columns, then (after the team's barrier) dh_{t-1} of its
+// units from the whole dz_t row: dh_{t-1}[u] = sum_j dz_t[j] W_hh[u, j].
+void backward_part(const Dims& d, const BackwardArgs& a, const Part& part,
+                   StepBarrier& barrier) {
+  const int64_t H = d.hidden, G = 4 * H, B = d.batch, n = part.width();
+  // W_hh^T restricted to this member's units: (4H, n), so the product has the forward's form.
+  std::vector<float> own_t(G * n), dh(B * n), dc(B * n), dh_next(B * n);
+  for (int64_t u = 0; u < n; ++u)
+    for (int64_t j = 0; j < G; ++j) own_t[j * n + u] = a.w[(part.u0 + u) * G + j];
+  const std::vector<float> w_t = pack_panels(own_t.data(), n, n, G);
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(dh.data() + b * n, a.dh_in + b * H + part.u0, n * sizeof(float));
+    std::memcpy(dc.data() + b * n, a.dc_in + b * H + part.u0, n * sizeof(float));
+  }
+  int64_t phase = 0;
+  for (int64_t t = d.steps - 1; t >= 0; --t) {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = t * B + b;
+      float* out = a.dz + row * G;
+      if (a.mask != nullptr && !a.mask[row]) {  // dh and dc pass through unchanged
+        for (int q = 0; q < 4; ++q) std::fill(out + q * H + part.u0, out + q * H + part.u1, 0.0f);
+        continue;
+      }
+      const float* act = a.acts + row * G + part.u0;
+      const float *gi = act, *gf = act + H, *gg = act + 2 * H, *go = act + 3 * H;
+      const float* cp = a.c_prev + row * H + part.u0;
+      const float* dy = a.dys + row * H + part.u0;
+      float* dhr = dh.data() + b * n;
+      float* dcr = dc.data() + b * n;
+      float *di = out + part.u0, *df = di + H, *dg = di + 2 * H, *dout = di + 3 * H;
+      for (int64_t j = 0; j < n; ++j) {
+        const float i = gi[j], f = gf[j], g = gg[j], o = go[j];
+        const float tc = tanh_approx(f * cp[j] + i * g);
+        const float dr = dhr[j] + dy[j];
+        const float dct = dcr[j] + dr * o * (1.0f - tc * tc);
+        di[j] = (dct * g) * ((1.0f - i) * i);
+        df[j] = (dct * cp[j]) * ((1.0f - f) * f);
+        dg[j] = (dct * i) * ((1.0f - g) * (g + 1.0f));
+        dout[j] = (dr * tc) * ((1.0f - o) * o);
+        dcr[j] = dct * f;
+      }
+    }
+    barrier.wait(phase);  // dz_t complete: every member reads the whole row
+    std::fill(dh_next.begin(), dh_next.end(), 0.0f);
+    product(a.dz + t * B * G, G, w_t.data(), n, G, dh_next.data(), n, B);
+    for (int64_t b = 0; b < B; ++b)
+      if (a.mask == nullptr || a.mask[t * B + b])
+        std::memcpy(dh.data() + b * n, dh_next.data() + b * n, n * sizeof(float));
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(a.dh_out + b * H + part.u0, dh.data() + b * n, n * sizeof(float));
+    std::memcpy(a.dc_out + b * H + part.u0, dc.data() + b * n, n * sizeof(float));
+  }
+}
+
+// Hidden units per team member below which splitting a problem does not pay for the
+// barrier and the exchange of h or dz at every step (measured at B = 1: H = 64 ran faster
+// on one thread, H = 128 on two).
+constexpr int64_t kMinTeamUnits = 64;
+
+inline Part member_part(int64_t hidden, int64_t team, int64_t member) {
+  // Units in multiples of 8 (the vector width), so members never share a cache line.
+  const int64_t chunk = ((hidden + team - 1) / team + 7) / 8 * 8;
+  const int64_t u0 = std::min(hidden, member * chunk);
+  return {u0, std::min(hidden, u0 + chunk)};
+}
+
+// What the caller and the helper tasks it schedules on XLA's thread pool share. Held by
+// shared pointers: a helper that starts after the work is done only reads this and returns.
+struct Crew {
+  static constexpr int64_t kClosed = int64_t{1} << 40;
+  std::atomic<int64_t> joined{0};    // helpers that joined, | kClosed once the team is fixed
+  std::atomic<int64_t> size{0};      // the team's size, published after closing
+  std::atomic<int64_t> next{0};      // next problem to take (problem-parallel mode)
+  std::atomic<int64_t> finished{0};  // problems done, or team members done
+  std::thread::id caller = std::this_thread::get_id();
+  std::unique_ptr<StepBarrier> barrier;
+  std::function<void(int64_t, const Part&, StepBarrier&)> work;
+};
+
+// Runs work(problem, part, barrier) over all problems, with helpers from XLA's intra-op
+// thread pool (no threads of our own, so nothing competes with XLA's workers).
+//
+// Several problems (vmap, both directions of a bidirectional layer): each task takes whole
+// problems from a shared counter until none is left; the caller takes part, so this
+// finishes even if no helper ever runs. A single problem large enough to pay for a barrier
+// per step: its hidden units are split between a team of the caller and the helpers that
+// start within a short grace period (XLA may run tasks late, or on the caller's thread);
+// the team is fixed before any member starts, so a helper that comes late does nothing.
+template <typename Work>
+void run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, Work work) {
+  const int64_t pool_threads = std::max<int64_t>(1, pool.num_threads());
+  threads = std::max<int64_t>(1, std::min(threads, pool_threads));
+  auto crew = std::make_shared<Crew>();
+  crew->work = work;
+  StepBarrier solo(1);
+  const double macs = static_cast<double>(d.steps) * d.batch * d.hidden * 4 * d.hidden;
+  if (d.problems > 1 && threads > 1) {
+    // Whoever takes a problem is running and finishes it, so the caller waits only for
+    // problems taken, never for a helper that has not started.
+    auto take = [problems = d.problems, hidden = d.hidden](Crew& c) {
+      StepBarrier own(1);
+      for (int64_t p; (p = c.next.fetch_add(1)) < problems;) {
+        c.work(p, {0, hidden}, own);
+        c.finished.fetch_add(1, std::memory_order_acq_rel);
+      }
+    };
+    for (int64_t i = 1; i < std::min(threads, d.problems); ++i)
+      pool.Schedule([crew, take] { take(*crew); });
+    take(*crew);
+    while (crew->finished.load(std::memory_order_acquire) < d.problems)
+      std::this_thread::yield();
+    return;
+  }
+  const int64_t wanted = std::min(threads, d.hidden / kMinTeamUnits);
+  if (d.problems > 1 || wanted < 2 || macs < 4e6) {
+    for (int64_t p = 0; p < d.problems; ++p) work(p, {0, d.hidden}, solo);
+    return;
+  }
+  for (int64_t i = 1; i < wanted; ++i)
+    pool.Schedule([crew, hidden = d.hidden] {
+      // Run inline by Schedule (no free worker): joining would wait for the caller forever.
+      if (std::this_thread::get_id() == crew->caller) return;
+      int64_t seen = crew->joined.load(std::memory_order_acquire), index;
+      do {
+        if (seen & Crew::kClosed) return;  // too late: the team is already fixed
+        index = seen + 1;
+      } while (!crew->joined.compare_exchange_weak(seen, seen + 1, std::memory_order_acq_rel));
+      int64_t team;
+      while ((team = crew->size.load(std::memory_order_acquire)) == 0) {
+      }
+      crew->work(0, member_part(hidden, team, index), *crew->barrier);
+      crew->finished.fetch_add(1, std::memory_order_acq_rel);
+    });
+  // Grace period for the helpers to start (XLA's workers spin briefly before sleeping).
+  const auto start = std::chrono::steady_clock::now();
+  while ((crew->joined.load(std::memory_order_acquire) & ~Crew::kClosed) < wanted - 1 &&
+         std::chrono::steady_clock::now() - start < std::chrono::microseconds(200)) {
+  }
+  const int64_t team = (crew->joined.fetch_or(Crew::kClosed) & ~Crew::kClosed) + 1;
+  crew->barrier = std::make_unique<StepBarrier>(team);
+  crew->size.store(team, std::memory_order_release);
+  work(0, member_part(d.hidden, team, 0), *crew->barrier);
+  while (crew->finished.load(std::memory_order_acquire) < team - 1) std::this_thread::yield();
+}
+
+ffi::Error check_dims(ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> w_hh, Dims* d) {
+  const auto xd = xw.dimensions();
+  const auto wd = w_hh.dimensions();
+  if (xd.size() < 3 || wd.size() != xd.size() - 1)
+    return ffi::Error::InvalidArgument("lstm_jax cpu kernel: xw must be (..., T, B, 4H) and "
+                                       "w_hh (..., H, 4H)");
+  const size_t n = xd.size();
+  d->steps = xd[n - 3];
+  d->batch = xd[n - 2];
+  d->hidden = xd[n - 1] / 4;
+  d->problems = 1;
+  for (size_t i = 0; i + 3 < n; ++i) d->problems *= xd[i];
+  if (xd[n - 1] != 4 * d->hidden || wd[n - 3] != d->hidden || wd[n - 2] != 4 * d->hidden)
+    return ffi::Error::InvalidArgument("lstm_jax cpu kernel: w_hh must be (H, 4H) for xw "
+                                       "(T, B, 4H)");
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool& pool, int64_t threads, ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
+                   ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0,
+                   ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask, bool has_mask,
+                   ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_n,
+                   ffi::ResultBuffer<ffi::F32> c_n, float* acts, float* c_prev) {
+  Dims d;
+  if (auto err = check_dims(xw, w_hh, &d); !err.success()) return err;
+  const int64_t H = d.hidden, G = 4 * H, B = d.batch, TB = d.steps * B;
+  const bool* m = has_mask ? mask.typed_data() : nullptr;
+  std::vector<float> h_shared(d.problems * 2 * B * H);
+  run_teams(d, threads, pool, [&](int64_t p, const Part& part, StepBarrier& barrier) {
+    ForwardArgs a{xw.typed_data() + p * TB * G, bias.typed_data() + p * G,
+                  w_hh.typed_data() + p * H * G, h0.typed_data() + p * B * H,
+                  c0.typed_data() + p * B * H, m == nullptr ? nullptr : m + p * TB,
+                  ys->typed_data() + p * TB * H, h_n->typed_data() + p * B * H,
+                  c_n->typed_data() + p * B * H, acts == nullptr ? nullptr : acts + p * TB * G,
+                  c_prev == nullptr ? nullptr : c_prev + p * TB * H,
+                  h_shared.data() + p * 2 * B * H};
+    forward_part(d, a, part, barrier);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error TrainForwardImpl(ffi::ThreadPool pool, int64_t threads, bool has_mask, ffi::Buffer<ffi::F32> xw,
+                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_hh,
+                            ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                            ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> ys,
+                            ffi::ResultBuffer<ffi::F32> h_n, ffi::ResultBuffer<ffi::F32> c_n,
+                            ffi::ResultBuffer<ffi::F32> acts,
+                            ffi::ResultBuffer<ffi::F32> c_prev) {
+  return Forward(pool, threads, xw, bias, w_hh, h0, c0, mask, has_mask, ys, h_n, c_n,
+                 acts->typed_data(), c_prev->typed_data());
+}
+
+ffi::Error InferForwardImpl(ffi::ThreadPool pool, int64_t threads, bool has_mask, ffi::Buffer<ffi::F32> xw,
+                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_hh,
+                            ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                            ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> ys,
+                            ffi::ResultBuffer<ffi::F32> h_n, ffi::ResultBuffer<ffi::F32> c_n) {
+  return Forward(pool, threads, xw, bias, w_hh, h0, c0, mask, has_mask, ys, h_n, c_n, nullptr,
+                 nullptr);
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, bool has_mask, ffi::Buffer<ffi::F32> w_hh,
+                        ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> c_prev,
+                        ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dh_n,
+                        ffi::Buffer<ffi::F32> dc_n, ffi::Buffer<ffi::PRED> mask,
+                        ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dh0,
+                        ffi::ResultBuffer<ffi::F32> dc0) {
+  Dims d;
+  if (auto err = check_dims(acts, w_hh, &d); !err.success()) return err;
+  const int64_t H = d.hidden, G = 4 * H, B = d.batch, TB = d.steps * B;
+  const bool* m = has_mask ? mask.typed_data() : nullptr;
+  run_teams(d, threads, pool, [&](int64_t p, const Part& part, StepBarrier& barrier) {
+    BackwardArgs a{w_hh.typed_data() + p * H * G, acts.typed_data() + p * TB * G,
+                   c_prev.typed_data() + p * TB * H, dys.typed_data() + p * TB * H,
+                   dh_n.typed_data() + p * B * H, dc_n.typed_data() + p * B * H,
+                   m == nullptr ? nullptr : m + p * TB, dz->typed_data() + p * TB * G,
+                   dh0->typed_data() + p * B * H, dc0->typed_data() + p * B * H};
+    backward_part(d, a, part, barrier);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxTrainForward, TrainForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("has_mask")
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxInferForward, InferForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("has_mask")
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("has_mask")
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

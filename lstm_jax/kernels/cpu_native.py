@@ -1,0 +1,283 @@
+"""A C++ LSTM recurrence for CPU, called through XLA's FFI (``jax.ffi``).
+
+At small batch a CPU LSTM step is a few tens of thousands of multiply-adds, and a
+``lax.scan`` spends most of each step dispatching XLA's per-operation thunks (about 8 per
+forward step and 14 per backward step, 0.4-0.7 us each on the 2-core benchmark machine:
+``benchmarks/cpu-notes.md``). ``cpu_lstm.cc`` runs the whole time loop of one layer in one
+call instead: per step one register-blocked product ``h @ W_hh`` and the fused gate math,
+nothing in between. It is the CPU counterpart of the persistent Pallas kernel.
+
+Same contract as :func:`lstm_jax._recurrence.recurrence` (gate order i, f, g, o; masked
+steps carry the state and output zero) and the same backward design: the kernel's backward
+walks time in reverse carrying ``(dh, dc)`` and emits ``dz_t``; ``dW_hh`` is one large XLA
+product after the loop and the gradient of ``xw`` is ``dz`` itself. Leading batch
+dimensions (``vmap``, the two directions of a bidirectional layer) and blocks of batch rows
+run on separate threads, with no synchronisation inside the time loop.
+
+The kernel is compiled on first use with the host's C++ compiler (``$CXX`` or ``c++``,
+``-O3 -march=native``) against the FFI headers that jaxlib ships, and cached under
+``$LSTM_JAX_CACHE_DIR`` (default ``~/.cache/lstm_jax``), keyed by the source, the
+compiler, jaxlib and the CPU. Where no compiler works, :func:`unavailable_reason` says why
+and ``backend="auto"`` keeps the scan.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+SOURCE = Path(__file__).with_name("cpu_lstm.cc")
+_TARGETS = {
+    "lstm_jax_cpu_train_forward": "LstmJaxTrainForward",
+    "lstm_jax_cpu_infer_forward": "LstmJaxInferForward",
+    "lstm_jax_cpu_backward": "LstmJaxBackward",
+}
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$LSTM_JAX_CACHE_DIR`` or ``~/.cache/lstm_jax``."""
+    root = os.environ.get("LSTM_JAX_CACHE_DIR")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lstm_jax"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and instruction-set flags (``-march=native`` code is only valid there)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in text.splitlines()
+            if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def library_path(cxx: str) -> Path:
+    """The cached shared library for this source, compiler, jaxlib and CPU."""
+    import jaxlib
+
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(_FLAGS).encode(), cxx.encode(),
+                 _compiler_version(cxx).encode(), jaxlib.__version__.encode(),
+                 platform.machine().encode(), _cpu_signature().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / f"cpu_lstm-{key.hexdigest()[:20]}.so"
+
+
+def build(cxx: str, target: Path) -> None:
+    """Compiles ``cpu_lstm.cc`` with ``cxx`` into ``target``; RuntimeError with the compiler's
+    message if that fails (``target`` is then left untouched)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name and rename: concurrent processes never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as err:
+            raise RuntimeError(f"running {cxx} failed: {err}") from err
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _load() -> str | None:
+    """Builds (once per machine) and registers the kernel; returns why it cannot, or None."""
+    cxx = _compiler()
+    if cxx is None:
+        return "no C++ compiler found (set $CXX, or install g++ or clang++)"
+    try:
+        path = library_path(cxx)
+        if not path.exists():
+            build(cxx, path)
+        lib = ctypes.CDLL(str(path))
+        for name, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        return f"building the CPU kernel failed: {err}"
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the CPU kernel cannot be used on this machine (no compiler, failed build), or None.
+
+    The first call compiles the kernel (a few seconds) unless a cached build exists.
+    """
+    return _load()
+
+
+def default_threads() -> int:
+    """Threads the kernel may use: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _call(name, results, *args, threads, has_mask, aliases=None):
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(f'backend="cpu" is unavailable: {reason}')
+    return jax.ffi.ffi_call(name, results, vmap_method="broadcast_all",
+                            input_output_aliases=aliases)(
+        *args, threads=np.int64(threads), has_mask=bool(has_mask))
+
+
+def _mask_arg(mask):
+    # The kernel ignores the buffer when has_mask is false; a (1, 1) placeholder keeps the
+    # call's signature fixed.
+    return jnp.ones((1, 1), bool) if mask is None else mask
+
+
+def _bias_arg(b, four_h):
+    return jnp.zeros((four_h,), jnp.float32) if b is None else b
+
+
+def _forward(threads, xw, w_hh, h0, c0, mask, b, save):
+    steps, batch, four_h = xw.shape
+    hidden = four_h // 4
+    f32 = jnp.float32
+    results = [jax.ShapeDtypeStruct((steps, batch, hidden), f32),
+               jax.ShapeDtypeStruct((batch, hidden), f32),
+               jax.ShapeDtypeStruct((batch, hidden), f32)]
+    args = (xw, _bias_arg(b, four_h), w_hh, h0, c0, _mask_arg(mask))
+    if not save:
+        return _call("lstm_jax_cpu_infer_forward", results, *args, threads=threads,
+                     has_mask=mask is not None)
+    results += [jax.ShapeDtypeStruct(xw.shape, f32),
+                jax.ShapeDtypeStruct((steps, batch, hidden), f32)]
+    # The gate activations are written over xw (each step reads its row before writing it).
+    return _call("lstm_jax_cpu_train_forward", results, *args, threads=threads,
+                 has_mask=mask is not None, aliases={0: 3})
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cpu_recurrence(threads, xw, w_hh, h0, c0, mask, b):
+    ys, h, c = _forward(threads, xw, w_hh, h0, c0, mask, b, save=False)
+    return ys, (h, c)
+
+
+def _cpu_recurrence_fwd(threads, xw, w_hh, h0, c0, mask, b):
+    ys, h, c, acts, c_prev = _forward(threads, xw, w_hh, h0, c0, mask, b, save=True)
+    return (ys, (h, c)), (w_hh, h0, mask, b, ys, acts, c_prev)
+
+
+def _cpu_recurrence_bwd(threads, residuals, cotangents):
+    from lstm_jax._cell import summed_outer
+
+    w_hh, h0, mask, b, ys, acts, c_prev = residuals
+    dys, (dh_n, dc_n) = cotangents
+    f32 = jnp.float32
+    batch, hidden = h0.shape
+    results = [jax.ShapeDtypeStruct(acts.shape, f32),
+               jax.ShapeDtypeStruct((batch, hidden), f32),
+               jax.ShapeDtypeStruct((batch, hidden), f32)]
+    dz, dh0, dc0 = _call("lstm_jax_cpu_backward", results, w_hh, acts, c_prev,
+                         dys.astype(f32), dh_n.astype(f32), dc_n.astype(f32), _mask_arg(mask),
+                         threads=threads, has_mask=mask is not None)
+    # h_{t-1} is y_{t-1} wherever dz is non-zero (masked steps have dz = 0).
+    h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
+    dw_hh = summed_outer(h_prev, dz, f32)
+    db = None if b is None else jnp.sum(dz, axis=(0, 1))
+    return dz, dw_hh, dh0, dc0, None, db
+
+
+_cpu_recurrence.defvjp(_cpu_recurrence_fwd, _cpu_recurrence_bwd)
+
+
+def cpu_recurrence(
+    xw: Array,
+    w_hh: Array,
+    w_hr: Array | None,
+    h0: Array,
+    c0: Array,
+    mask: Array | None,
+    b: Array | None = None,
+    *,
+    threads: int | None = None,
+    precision=None,
+) -> tuple[Array, tuple[Array, Array]]:
+    """One LSTM layer over time in one C++ call: ``xw: (T, B, 4H)`` -> ``(ys, (h_T, c_T))``.
+
+    A drop-in for :func:`lstm_jax._recurrence.recurrence` on CPU (same arguments after its
+    static ones, same results and gradients within float tolerance)::
+
+        h, c = h0, c0
+        for t in range(T):                       # inside the kernel
+            z = xw[t] + b + h @ w_hh             # gate order i, f, g, o
+            c, h = f * c + i * g, o * tanh(f * c + i * g)   # carried only where mask[t]
+            ys[t] = h if mask[t] else 0
+
+    Args:
+      xw: ``(T, B, 4H)`` float32 input pre-activations ``x @ w_ih``.
+      w_hh: ``(H, 4H)`` float32 recurrent weight.
+      w_hr: must be None: no projection (``proj_size``) support.
+      h0, c0: ``(B, H)`` float32 initial state.
+      mask: ``(T, B)`` bool or None; False steps keep the state and output zero.
+      b: ``(4H,)`` float32 bias added to ``xw`` inside the loop, or None.
+      threads: threads for independent batch rows and vmapped problems; None: the CPUs
+        this process may use (:func:`default_threads`).
+      precision: ignored (the kernel's products are exact float32 sums); accepted for the
+        common loop signature.
+
+    Returns:
+      ``(ys: (T, B, H), (h_T: (B, H), c_T: (B, H)))``.
+
+    Example:
+      >>> T, B, H = 5, 2, 8
+      >>> xw = jnp.zeros((T, B, 4 * H)); w = jnp.zeros((H, 4 * H))
+      >>> state = jnp.zeros((B, H))
+      >>> ys, (h, c) = cpu_recurrence(xw, w, None, state, state, None)  # doctest: +SKIP
+      >>> ys.shape
+      (5, 2, 8)
+    """
+    del precision
+    if w_hr is not None:
+        raise NotImplementedError(
+            'the CPU kernel has no projection (proj_size) support; use backend="scan"')
+    if xw.ndim != 3 or xw.shape[-1] % 4:
+        raise ValueError(f"xw must have shape (T, B, 4H), got {xw.shape}")
+    steps, batch, four_h = xw.shape
+    hidden = four_h // 4
+    if w_hh.shape != (hidden, four_h):
+        raise ValueError(f"w_hh has shape {w_hh.shape}, expected {(hidden, four_h)}")
+    for name, a in (("xw", xw), ("w_hh", w_hh), ("h0", h0), ("c0", c0)):
+        if a.dtype != jnp.float32:
+            raise ValueError(f"the CPU kernel runs float32 only; {name} has dtype {a.dtype}")
+    threads = default_threads() if threads is None else int(threads)
+    return _cpu_recurrence(threads, xw, w_hh, h0, c0, mask, b)

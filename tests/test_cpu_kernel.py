@@ -1,0 +1,236 @@
+"""The C++ CPU kernel (``backend="cpu"``) against the scan recurrence and torch, its build.
+
+The kernel is compiled on first use (a few seconds, then cached); without a working compiler
+these tests skip, as ``backend="auto"`` then keeps the scan.
+"""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lstm_jax
+from lstm_jax._recurrence import recurrence
+from lstm_jax.kernels import choose_backend, cpu_native, cpu_recurrence, select
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or cpu_native.unavailable_reason() is not None,
+    reason=f"the CPU kernel cannot run here: {cpu_native.unavailable_reason()}",
+)
+
+
+def _problem(steps, batch, hidden, seed=0, lengths=False, bias=True):
+    k = jax.random.split(jax.random.key(seed), 6)
+    xw = jax.random.normal(k[0], (steps, batch, 4 * hidden))
+    w_hh = jax.random.normal(k[1], (hidden, 4 * hidden)) / np.sqrt(hidden)
+    h0 = 0.5 * jax.random.normal(k[2], (batch, hidden))
+    c0 = jax.random.normal(k[3], (batch, hidden))
+    b = 0.1 * jax.random.normal(k[4], (4 * hidden,)) if bias else None
+    mask = None
+    if lengths:
+        # Lengths 0 and `steps` included: a sequence that never starts, one that runs through.
+        lens = jnp.concatenate([jnp.array([0, steps]),
+                                jax.random.randint(k[5], (batch,), 1, steps)])[:batch]
+        mask = jnp.arange(steps)[:, None] < lens[None, :]
+    return xw, w_hh, h0, c0, mask, b
+
+
+def _outputs_and_grads(loop, xw, w_hh, h0, c0, mask, b):
+    """Outputs and the gradients of a loss touching every output, for (xw, w_hh, h0, c0, b)."""
+
+    def loss(xw, w_hh, h0, c0, b):
+        ys, (h, c) = loop(xw, w_hh, None, h0, c0, mask, b)
+        weights = jnp.sin(jnp.arange(ys.size, dtype=jnp.float32)).reshape(ys.shape)
+        return jnp.sum(ys * weights) + jnp.sum(h * h) + 0.7 * jnp.sum(jnp.cos(c)), (ys, h, c)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+    (_, outs), grads = jax.jit(grad)(xw, w_hh, h0, c0, b)
+    return outs, grads
+
+
+def _scan(xw, w_hh, w_hr, h0, c0, mask, b):
+    return recurrence(1, "highest", xw, w_hh, w_hr, h0, c0, mask, b)
+
+
+def _assert_close_trees(got, want, rtol):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        scale = float(jnp.max(jnp.abs(w))) + 1e-6
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize(
+    "steps,batch,hidden,lengths,bias",
+    [
+        (6, 3, 5, False, True),     # 4H = 20: one 8-wide panel and a 4-column tail
+        (9, 5, 24, True, False),    # rows in blocks of 4 and 1; no bias
+        (70, 1, 128, False, True),  # long enough for a team of threads to split the units
+        (66, 2, 136, True, True),   # a team with unequal parts (72 and 64 units)
+    ],
+    ids=["tails", "rows-mask-nobias", "team", "team-uneven-mask"],
+)
+def test_matches_scan_forward_and_gradients(steps, batch, hidden, lengths, bias):
+    problem = _problem(steps, batch, hidden, lengths=lengths, bias=bias)
+    got_out, got_grads = _outputs_and_grads(cpu_recurrence, *problem)
+    want_out, want_grads = _outputs_and_grads(_scan, *problem)
+    _assert_close_trees(got_out, want_out, 2e-6)
+    _assert_close_trees([g for g in got_grads if g is not None],
+                        [g for g in want_grads if g is not None], 1e-5)
+
+
+def test_masked_steps_carry_the_state_and_output_zero():
+    xw, w_hh, h0, c0, _, b = _problem(5, 2, 8)
+    mask = jnp.array([[True, False]] * 2 + [[False, False]] * 3)  # row 0 stops after 2 steps
+    ys, (h, c) = cpu_recurrence(xw, w_hh, None, h0, c0, mask, b)
+    assert np.all(np.asarray(ys[2:]) == 0) and np.all(np.asarray(ys[:, 1]) == 0)
+    np.testing.assert_array_equal(h[1], h0[1])
+    np.testing.assert_array_equal(c[1], c0[1])
+    np.testing.assert_array_equal(h[0], ys[1, 0])
+
+
+def test_threads_do_not_change_a_bit():
+    # Every output element is summed in the same order whichever thread or row block forms
+    # it, so the team split and the row blocking leave the numbers bit-identical.
+    problem = _problem(80, 3, 128, lengths=True)
+    one_out, one_grads = _outputs_and_grads(
+        lambda *a: cpu_recurrence(*a, threads=1), *problem)
+    many_out, many_grads = _outputs_and_grads(
+        lambda *a: cpu_recurrence(*a, threads=4), *problem)
+    for a, b in zip(jax.tree.leaves((one_out, one_grads)), jax.tree.leaves((many_out, many_grads))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_vmapped_problems_match_one_by_one():
+    xw, w_hh, h0, c0, mask, b = _problem(7, 2, 16, lengths=True)
+    stack = lambda a: jnp.stack([a, 0.5 * a, -a])
+    run = lambda xw, w, h, c: cpu_recurrence(xw, w, None, h, c, mask, b)
+    ys, (h, c) = jax.vmap(run)(stack(xw), stack(w_hh), stack(h0), stack(c0))
+    for i, scale in enumerate((1.0, 0.5, -1.0)):
+        ys_i, (h_i, c_i) = run(scale * xw, scale * w_hh, scale * h0, scale * c0)
+        np.testing.assert_array_equal(ys[i], ys_i)
+        np.testing.assert_array_equal(c[i], c_i)
+
+
+def test_lstm_cpu_backend_matches_scan_bidirectional_stack():
+    params = lstm_jax.init_lstm(jax.random.key(3), input_size=6, hidden_size=16, num_layers=2,
+                                bidirectional=True)
+    x = jax.random.normal(jax.random.key(4), (3, 9, 6))
+    lengths = jnp.array([9, 4, 1])
+
+    def loss(backend):
+        def f(p, x):
+            y, s = lstm_jax.lstm(p, x, seq_lengths=lengths, backend=backend)
+            return jnp.sum(y * jnp.sin(y)) + jnp.sum(s.h) + jnp.sum(s.c ** 2), (y, s)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, x)
+
+    (_, got), got_grads = loss("cpu")
+    (_, want), want_grads = loss("scan")
+    _assert_close_trees(got, want, 2e-6)
+    _assert_close_trees(got_grads, want_grads, 1e-5)
+
+
+def test_lstm_cpu_backend_matches_torch():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    module = torch.nn.LSTM(5, 12, num_layers=2, batch_first=True)
+    x = np.random.default_rng(0).standard_normal((4, 11, 5)).astype(np.float32)
+    y_t, (h_t, c_t) = module(torch.tensor(x))
+    y, state = lstm_jax.lstm(lstm_jax.from_torch(module.state_dict()), x, backend="cpu")
+    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.h, h_t.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.c, c_t.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_rejects_what_it_cannot_run():
+    xw, w_hh, h0, c0, _, _ = _problem(3, 2, 8)
+    with pytest.raises(NotImplementedError, match="projection"):
+        cpu_recurrence(xw, w_hh, jnp.ones((8, 4)), h0, c0, None)
+    with pytest.raises(ValueError, match="float32 only"):
+        cpu_recurrence(xw, w_hh.astype(jnp.bfloat16), None, h0, c0, None)
+    with pytest.raises(ValueError, match=r"expected \(8, 32\)"):
+        cpu_recurrence(xw, w_hh[:4], None, h0, c0, None)
+    params = lstm_jax.init_lstm(jax.random.key(0), 3, 8, proj_size=4)
+    with pytest.raises(ValueError, match='backend="cpu" cannot run this call: .*projection'):
+        lstm_jax.lstm(params, jnp.ones((2, 5, 3)), backend="cpu")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(platform="gpu"), "only on CPU"),
+        (dict(platform="cpu", proj=4), "projection"),
+        (dict(platform="cpu", has_variants=True), "variants"),
+        (dict(platform="cpu", remat=True), "remat"),
+        (dict(platform="cpu", dtype=jnp.bfloat16), "float32 only"),
+    ],
+)
+def test_explicit_cpu_backend_that_cannot_run_says_why(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        choose_backend("cpu", batch=1, hidden=64, **kwargs)
+
+
+def test_auto_on_cpu_follows_the_measurements():
+    table = {(1, 1000, 32, 128): {"scan": 1.0, "cpu": 0.6},
+             (32, 100, 128, 256): {"scan": 1.1, "cpu": 1.2}}
+    pick = lambda **kw: choose_backend("auto", platform="cpu", table=table, **kw)
+    assert pick(batch=1, hidden=128) == "cpu"
+    assert pick(batch=2, hidden=100) == "cpu"  # nearest measured shape
+    assert pick(batch=32, hidden=256) == "scan"
+    for kw in (dict(proj=8), dict(has_variants=True), dict(remat=True),
+               dict(dtype=jnp.bfloat16), dict(custom_grad=False)):
+        assert pick(batch=1, hidden=128, **kw) == "scan"
+    assert choose_backend("auto", platform="cpu", table={}, batch=1, hidden=128) == "scan"
+    assert choose_backend("auto", platform="tpu", table=table, batch=1, hidden=128) == "scan"
+
+
+def test_a_failed_build_says_what_failed(tmp_path):
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu_native.build(str(tmp_path / "no-such-compiler"), tmp_path / "kernel.so")
+    assert not (tmp_path / "kernel.so").exists()
+
+
+def test_without_a_compiler_auto_keeps_the_scan(tmp_path):
+    # A fresh process with no compiler and an empty cache: the reason names the compiler,
+    # backend="auto" runs the scan and backend="cpu" says why it cannot.
+    script = (
+        "import jax, jax.numpy as jnp, lstm_jax\n"
+        "from lstm_jax.kernels import cpu_native, select\n"
+        "reason = cpu_native.unavailable_reason(); print(reason)\n"
+        "table = {(1, 10, 3, 8): {'scan': 1.0, 'cpu': 0.5}}\n"
+        "print(select.choose_backend('auto', platform='cpu', batch=1, hidden=8, table=table))\n"
+        "p = lstm_jax.init_lstm(jax.random.key(0), 3, 8)\n"
+        "try:\n"
+        "    lstm_jax.lstm(p, jnp.ones((1, 4, 3)), backend='cpu')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    env = {"PATH": "/nonexistent", "CXX": str(tmp_path / "missing-c++"),
+           "LSTM_JAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "failed" in lines[0] and "missing-c++" in lines[0]
+    assert lines[1] == "scan"
+    assert lines[2].startswith('backend="cpu" cannot run this call: building the CPU kernel')
+
+
+def test_cache_key_follows_source_compiler_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("LSTM_JAX_CACHE_DIR", str(tmp_path))
+    first = cpu_native.library_path("c++")
+    assert first.parent == tmp_path and first.suffix == ".so"
+    assert cpu_native.library_path("c++") == first
+    monkeypatch.setattr(cpu_native, "_cpu_signature", lambda: "another CPU")
+    assert cpu_native.library_path("c++") != first
+
+
+def test_default_cpu_table_follows_the_measurements():
+    # The kernel measured faster at small batch (B <= 32 at H <= 256), the scan at 128 x 512.
+    for batch, hidden in ((1, 64), (1, 128), (4, 128), (8, 256), (16, 128), (32, 256)):
+        assert choose_backend("auto", platform="cpu", batch=batch, hidden=hidden) == "cpu"
+    assert choose_backend("auto", platform="cpu", batch=128, hidden=512) == "scan"
+    for key, times in select.MEASURED_CPU.items():
+        winner = min(times, key=times.get)
+        assert choose_backend("auto", platform="cpu", batch=key[0], hidden=key[3]) == winner
