@@ -234,3 +234,14 @@ def test_default_cpu_table_follows_the_measurements():
     for key, times in select.MEASURED_CPU.items():
         winner = min(times, key=times.get)
         assert choose_backend("auto", platform="cpu", batch=key[0], hidden=key[3]) == winner
+
+
+def test_nan_and_inf_propagate_as_in_the_scan():
+    # A diverged run must show: the trainer stops on a non-finite loss.
+    xw, w_hh, h0, c0, _, b = _problem(4, 2, 8)
+    xw = xw.at[1, 0, 3].set(jnp.nan).at[2, 1, 9].set(jnp.inf)
+    got = cpu_recurrence(xw, w_hh, None, h0, c0, None, b)
+    want = _scan(xw, w_hh, None, h0, c0, None, b)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+    assert np.isnan(np.asarray(got[0][1:, 0])).any(axis=-1).all()  # from step 1 on

@@ -4,7 +4,10 @@
   Triton; any platform with ``interpret=True``), same contract as the scan recurrence.
 * :func:`cudnn_lstm`: the whole stack through ``jax.experimental.rnn`` (cuDNN; GPU, float32,
   no projection).
-* :func:`choose_backend`: picks ``"scan"``, ``"pallas"`` or ``"cudnn"`` per platform and shape;
+* :func:`cpu_recurrence`: a C++ kernel for one layer's time loop on CPU through XLA's FFI,
+  compiled on first use with the host's compiler, same contract as the scan recurrence.
+* :func:`choose_backend`: picks ``"scan"``, ``"pallas"``, ``"cudnn"`` or ``"cpu"`` per
+  platform and shape;
   :func:`pallas_product` picks the kernel's tensor-core (``"mma"``) or register (``"fma"``)
   products.
 """

@@ -53,7 +53,9 @@ inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
 // generic_fast_tanh_float, which XLA:CPU also uses: a few ulp; |tanh| rounds to 1 beyond 9).
 // Written as plain arithmetic so that the compiler vectorises the loops that call it.
 inline float tanh_approx(float x) {
-  x = std::min(9.0f, std::max(-9.0f, x));
+  // Clamped with comparisons that are false for NaN, so NaN propagates (std::min/max
+  // would turn it into -9 and hide a diverged run).
+  x = x < -9.0f ? -9.0f : (x > 9.0f ? 9.0f : x);
   const float x2 = x * x;
   float p = -2.76076847742355e-16f;
   p = p * x2 + 2.00018790482477e-13f;
