@@ -4,6 +4,7 @@ The kernel is compiled on first use (a few seconds, then cached); without a work
 these tests skip, as ``backend="auto"`` then keeps the scan.
 """
 
+import os
 import subprocess
 import sys
 
@@ -64,7 +65,7 @@ def _assert_close_trees(got, want, rtol):
 @pytest.mark.parametrize(
     "steps,batch,hidden,lengths,bias",
     [
-        (6, 3, 5, False, True),     # 4H = 20: one 8-wide panel and a 4-column tail
+        (6, 3, 5, False, True),     # 4H = 20: two 8-wide panels and a 4-column tail
         (9, 5, 24, True, False),    # rows in blocks of 4 and 1; no bias
         (70, 1, 128, False, True),  # long enough for a team of threads to split the units
         (66, 2, 136, True, True),   # a team with unequal parts (72 and 64 units)
@@ -92,12 +93,13 @@ def test_masked_steps_carry_the_state_and_output_zero():
 
 def test_threads_do_not_change_a_bit():
     # Every output element is summed in the same order whichever thread or row block forms
-    # it, so the team split and the row blocking leave the numbers bit-identical.
+    # it, so the team split and the row blocking leave the numbers bit-identical. A long
+    # wait for the helpers makes the team form wherever XLA's pool has a second thread.
     problem = _problem(80, 3, 128, lengths=True)
     one_out, one_grads = _outputs_and_grads(
         lambda *a: cpu_recurrence(*a, threads=1), *problem)
     many_out, many_grads = _outputs_and_grads(
-        lambda *a: cpu_recurrence(*a, threads=4), *problem)
+        lambda *a: cpu_recurrence(*a, threads=4, helper_wait_us=200_000), *problem)
     for a, b in zip(jax.tree.leaves((one_out, one_grads)), jax.tree.leaves((many_out, many_grads))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -105,12 +107,20 @@ def test_threads_do_not_change_a_bit():
 def test_vmapped_problems_match_one_by_one():
     xw, w_hh, h0, c0, mask, b = _problem(7, 2, 16, lengths=True)
     stack = lambda a: jnp.stack([a, 0.5 * a, -a])
-    run = lambda xw, w, h, c: cpu_recurrence(xw, w, None, h, c, mask, b)
-    ys, (h, c) = jax.vmap(run)(stack(xw), stack(w_hh), stack(h0), stack(c0))
-    for i, scale in enumerate((1.0, 0.5, -1.0)):
-        ys_i, (h_i, c_i) = run(scale * xw, scale * w_hh, scale * h0, scale * c0)
-        np.testing.assert_array_equal(ys[i], ys_i)
-        np.testing.assert_array_equal(c[i], c_i)
+    scales = (1.0, 0.5, -1.0)
+
+    def loss(xw, w, h, c):
+        ys, (h_n, c_n) = cpu_recurrence(xw, w, None, h, c, mask, b)
+        return jnp.sum(ys * jnp.cos(ys)) + jnp.sum(h_n ** 2) + jnp.sum(c_n), (ys, h_n, c_n)
+
+    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    (_, outs), grads = jax.jit(jax.vmap(value_and_grad))(
+        stack(xw), stack(w_hh), stack(h0), stack(c0))
+    for i, scale in enumerate(scales):
+        (_, outs_i), grads_i = value_and_grad(scale * xw, scale * w_hh, scale * h0, scale * c0)
+        for got, want in zip(jax.tree.leaves((outs, grads)), jax.tree.leaves((outs_i, grads_i)),
+                             strict=True):
+            np.testing.assert_allclose(got[i], want, rtol=1e-6, atol=1e-6)
 
 
 def test_lstm_cpu_backend_matches_scan_bidirectional_stack():
@@ -145,6 +155,14 @@ def test_lstm_cpu_backend_matches_torch():
 
 def test_rejects_what_it_cannot_run():
     xw, w_hh, h0, c0, _, _ = _problem(3, 2, 8)
+    with pytest.raises(ValueError, match=r"h0 has shape \(1, 8\), expected \(2, 8\)"):
+        cpu_recurrence(xw, w_hh, None, h0[:1], c0, None)
+    with pytest.raises(ValueError, match=r"mask has shape \(3,\), expected \(3, 2\)"):
+        cpu_recurrence(xw, w_hh, None, h0, c0, jnp.ones((3,), bool))
+    with pytest.raises(ValueError, match="mask must be bool"):
+        cpu_recurrence(xw, w_hh, None, h0, c0, jnp.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"b has shape \(8,\), expected \(32,\)"):
+        cpu_recurrence(xw, w_hh, None, h0, c0, None, jnp.ones((8,)))
     with pytest.raises(NotImplementedError, match="projection"):
         cpu_recurrence(xw, w_hh, jnp.ones((8, 4)), h0, c0, None)
     with pytest.raises(ValueError, match="float32 only"):
@@ -217,11 +235,37 @@ def test_without_a_compiler_auto_keeps_the_scan(tmp_path):
     assert lines[2].startswith('backend="cpu" cannot run this call: building the CPU kernel')
 
 
+def test_a_broken_cached_build_is_rebuilt_and_readable(tmp_path):
+    # A truncated .so in the cache (a killed build, a full disk) is rebuilt, not a permanent
+    # "unavailable"; the new file is readable by others where the umask allows (shared caches).
+    script = (
+        "import os, stat\n"
+        "from lstm_jax.kernels import cpu_native\n"
+        "path = cpu_native.library_path(cpu_native._compiler())\n"
+        "path.parent.mkdir(parents=True); path.write_bytes(b'not a library')\n"
+        "print(cpu_native.unavailable_reason())\n"
+        "print(oct(stat.S_IMODE(os.stat(path).st_mode)))\n"
+    )
+    env = dict(os.environ, LSTM_JAX_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", "import os; os.umask(0o022)\n" + script],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "0o755"]
+
+
+def test_cxx_may_carry_a_wrapper(monkeypatch):
+    monkeypatch.setenv("CXX", "ccache g++ ")
+    assert cpu_native._compiler() == ["ccache", "g++"]
+    monkeypatch.delenv("CXX")
+    assert cpu_native._compiler()[0].endswith(("c++", "g++"))
+
+
 def test_cache_key_follows_source_compiler_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("LSTM_JAX_CACHE_DIR", str(tmp_path))
     first = cpu_native.library_path("c++")
     assert first.parent == tmp_path and first.suffix == ".so"
-    assert cpu_native.library_path("c++") == first
+    assert cpu_native.library_path(["c++"]) == first
+    assert cpu_native.library_path("ccache c++") != first
     monkeypatch.setattr(cpu_native, "_cpu_signature", lambda: "another CPU")
     assert cpu_native.library_path("c++") != first
 
@@ -231,9 +275,24 @@ def test_default_cpu_table_follows_the_measurements():
     for batch, hidden in ((1, 64), (1, 128), (4, 128), (8, 256), (16, 128), (32, 256)):
         assert choose_backend("auto", platform="cpu", batch=batch, hidden=hidden) == "cpu"
     assert choose_backend("auto", platform="cpu", batch=128, hidden=512) == "scan"
-    for key, times in select.MEASURED_CPU.items():
-        winner = min(times, key=times.get)
-        assert choose_backend("auto", platform="cpu", batch=key[0], hidden=key[3]) == winner
+    assert choose_backend("auto", platform="cpu", batch=256, hidden=1024) == "scan"
+
+
+def test_the_kernel_checks_every_buffer_shape():
+    # Called directly (not through cpu_recurrence), a mis-shaped buffer is refused by the
+    # kernel itself instead of being read out of bounds.
+    f32 = jnp.float32
+    results = [jax.ShapeDtypeStruct(s, f32) for s in ((5, 4, 8), (4, 8), (4, 8))]
+    call = jax.ffi.ffi_call("lstm_jax_cpu_infer_forward", results)
+    args = [jnp.zeros((5, 4, 32)), jnp.zeros(32), jnp.zeros((8, 32)), jnp.zeros((1, 8)),
+            jnp.zeros((4, 8)), jnp.ones((1, 1), bool)]
+    with pytest.raises(Exception, match=r"h0 has shape \(1, 8\), expected \(4, 8\)"):
+        jax.block_until_ready(call(*args, threads=1, grace_us=0, has_mask=False))
+    args[3] = jnp.zeros((4, 8))
+    with pytest.raises(Exception, match=r"mask has shape \(1, 1\), expected \(5, 4\)"):
+        jax.block_until_ready(call(*args, threads=1, grace_us=0, has_mask=True))
+    ys, h, c = call(*args, threads=1, grace_us=0, has_mask=False)
+    assert ys.shape == (5, 4, 8) and np.all(np.asarray(ys) == 0)  # zero weights, zero state
 
 
 def test_nan_and_inf_propagate_as_in_the_scan():

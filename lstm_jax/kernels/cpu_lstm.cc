@@ -26,6 +26,7 @@
 #include <functional>
 #include <atomic>
 #include <memory>
+#include <string>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -49,13 +50,16 @@ inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 
 inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
 
-// tanh as a 13/6-degree odd/even rational function on [-9, 9] (the coefficients of Eigen's
-// generic_fast_tanh_float, which XLA:CPU also uses: a few ulp; |tanh| rounds to 1 beyond 9).
+// tanh as a 13/6-degree odd/even rational function (the coefficients of Eigen's
+// generic_fast_tanh_float, which XLA:CPU also uses: error <= 3e-7 against tanhf). Clamped
+// at +-7.9053, Eigen's later bound, where the rational function is still below 1 (at 9 it
+// reaches 1.0000002, and a sigmoid gate built on it would leave [0, 1]).
 // Written as plain arithmetic so that the compiler vectorises the loops that call it.
 inline float tanh_approx(float x) {
   // Clamped with comparisons that are false for NaN, so NaN propagates (std::min/max
   // would turn it into -9 and hide a diverged run).
-  x = x < -9.0f ? -9.0f : (x > 9.0f ? 9.0f : x);
+  constexpr float kBound = 7.90531110763549805f;
+  x = x < -kBound ? -kBound : (x > kBound ? kBound : x);
   const float x2 = x * x;
   float p = -2.76076847742355e-16f;
   p = p * x2 + 2.00018790482477e-13f;
@@ -218,19 +222,24 @@ struct Dims {
 class StepBarrier {
  public:
   explicit StepBarrier(int64_t size) : size_(size) {}
-  // `phase` counts the caller's own waits (each member keeps one).
-  void wait(int64_t& phase) {
-    if (size_ == 1) return;
+  // `phase` counts the caller's own waits (each member keeps one). False once a member has
+  // failed (abort()): the others then stop instead of waiting for it forever.
+  bool wait(int64_t& phase) {
+    if (size_ == 1) return !aborted_.load(std::memory_order_relaxed);
     const int64_t target = size_ * ++phase;
     arrived_.fetch_add(1, std::memory_order_acq_rel);
     for (int64_t spins = 0; arrived_.load(std::memory_order_acquire) < target; ++spins) {
+      if (aborted_.load(std::memory_order_relaxed)) return false;
       if (spins > 4000) std::this_thread::yield();
     }
+    return !aborted_.load(std::memory_order_relaxed);
   }
+  void abort() { aborted_.store(true, std::memory_order_relaxed); }
 
  private:
   const int64_t size_;
   std::atomic<int64_t> arrived_{0};
+  std::atomic<bool> aborted_{false};
 };
 
 // The hidden units [u0, u1) of one team member. Each member owns these units' four gate
@@ -272,7 +281,7 @@ void forward_part(const Dims& d, const ForwardArgs& a, const Part& part, StepBar
     std::memcpy(a.h_shared + b * H + part.u0, a.h0 + b * H + part.u0, n * sizeof(float));
   }
   int64_t phase = 0;
-  barrier.wait(phase);  // h_0 complete before any member's first product
+  if (!barrier.wait(phase)) return;  // h_0 complete before any member's first product
   for (int64_t t = 0; t < d.steps; ++t) {
     const float* h = a.h_shared + (t % 2) * B * H;
     float* h_next = a.h_shared + ((t + 1) % 2) * B * H;
@@ -303,7 +312,7 @@ void forward_part(const Dims& d, const ForwardArgs& a, const Part& part, StepBar
       }
       if (a.acts != nullptr) scatter_gates(zr, H, part, a.acts + row * G);
     }
-    barrier.wait(phase);
+    if (!barrier.wait(phase)) return;
   }
   const float* h_last = a.h_shared + (d.steps % 2) * B * H;
   for (int64_t b = 0; b < B; ++b) {
@@ -351,7 +360,7 @@ void backward_part(const Dims& d, const BackwardArgs& a, const Part& part,
       float* d = out + part.u0;
       cell_update_grad_row(gi, gf, gg, go, cp, dy, dhr, dcr, d, d + H, d + 2 * H, d + 3 * H, n);
     }
-    barrier.wait(phase);  // dz_t complete: every member reads the whole row
+    if (!barrier.wait(phase)) return;  // dz_t complete: every member reads the whole row
     std::fill(dh_next.begin(), dh_next.end(), 0.0f);
     product(a.dz + t * B * G, G, w_t.data(), n, G, dh_next.data(), n, B);
     for (int64_t b = 0; b < B; ++b)
@@ -369,11 +378,22 @@ void backward_part(const Dims& d, const BackwardArgs& a, const Part& part,
 // on one thread, H = 128 on two).
 constexpr int64_t kMinTeamUnits = 64;
 
+// Units per member: in multiples of 8 (the vector width), so members never share a cache line.
+inline int64_t member_chunk(int64_t hidden, int64_t team) {
+  return ((hidden + team - 1) / team + 7) / 8 * 8;
+}
+
 inline Part member_part(int64_t hidden, int64_t team, int64_t member) {
-  // Units in multiples of 8 (the vector width), so members never share a cache line.
-  const int64_t chunk = ((hidden + team - 1) / team + 7) / 8 * 8;
+  const int64_t chunk = member_chunk(hidden, team);
   const int64_t u0 = std::min(hidden, member * chunk);
   return {u0, std::min(hidden, u0 + chunk)};
+}
+
+// The largest team size <= n whose members all get units (rounding the parts up to
+// multiples of 8 can leave the last members of a larger team with none).
+inline int64_t team_with_units(int64_t hidden, int64_t n) {
+  while (n > 1 && (n - 1) * member_chunk(hidden, n) >= hidden) --n;
+  return n;
 }
 
 // What the caller and the helper tasks it schedules on XLA's thread pool share. Held by
@@ -385,8 +405,20 @@ struct Crew {
   std::atomic<int64_t> next{0};      // next problem to take (problem-parallel mode)
   std::atomic<int64_t> finished{0};  // problems done, or team members done
   std::thread::id caller = std::this_thread::get_id();
+  std::atomic<bool> failed{false};  // a member threw (out of memory): the call reports it
   std::unique_ptr<StepBarrier> barrier;
   std::function<void(int64_t, const Part&, StepBarrier&)> work;
+
+  // Runs the work; an exception (an allocation) marks the call failed and releases the
+  // other members from the barrier instead of escaping through XLA's C interface.
+  void guarded(int64_t problem, const Part& part, StepBarrier& step_barrier) {
+    try {
+      work(problem, part, step_barrier);
+    } catch (...) {
+      failed.store(true);
+      step_barrier.abort();
+    }
+  }
 };
 
 // Runs work(problem, part, barrier) over all problems, with helpers from XLA's intra-op
@@ -398,8 +430,11 @@ struct Crew {
 // per step: its hidden units are split between a team of the caller and the helpers that
 // start within a short grace period (XLA may run tasks late, or on the caller's thread);
 // the team is fixed before any member starts, so a helper that comes late does nothing.
+//
+// Returns false if a member failed (the outputs are then incomplete).
 template <typename Work>
-void run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, Work work) {
+bool run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, int64_t grace_us,
+               Work work) {
   const int64_t pool_threads = std::max<int64_t>(1, pool.num_threads());
   threads = std::max<int64_t>(1, std::min(threads, pool_threads));
   auto crew = std::make_shared<Crew>();
@@ -412,7 +447,7 @@ void run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, Work work)
     auto take = [problems = d.problems, hidden = d.hidden](Crew& c) {
       StepBarrier own(1);
       for (int64_t p; (p = c.next.fetch_add(1)) < problems;) {
-        c.work(p, {0, hidden}, own);
+        c.guarded(p, {0, hidden}, own);
         c.finished.fetch_add(1, std::memory_order_acq_rel);
       }
     };
@@ -421,12 +456,12 @@ void run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, Work work)
     take(*crew);
     while (crew->finished.load(std::memory_order_acquire) < d.problems)
       std::this_thread::yield();
-    return;
+    return !crew->failed;
   }
   const int64_t wanted = std::min(threads, d.hidden / kMinTeamUnits);
   if (d.problems > 1 || wanted < 2 || macs < 4e6) {
-    for (int64_t p = 0; p < d.problems; ++p) work(p, {0, d.hidden}, solo);
-    return;
+    for (int64_t p = 0; p < d.problems; ++p) crew->guarded(p, {0, d.hidden}, solo);
+    return !crew->failed;
   }
   for (int64_t i = 1; i < wanted; ++i)
     pool.Schedule([crew, hidden = d.hidden] {
@@ -440,54 +475,105 @@ void run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, Work work)
       int64_t team;
       while ((team = crew->size.load(std::memory_order_acquire)) == 0) {
       }
-      crew->work(0, member_part(hidden, team, index), *crew->barrier);
+      if (index < team) crew->guarded(0, member_part(hidden, team, index), *crew->barrier);
       crew->finished.fetch_add(1, std::memory_order_acq_rel);
     });
   // Grace period for the helpers to start: an eighth of the loop's single-thread time (at
-  // ~25 G multiply-adds per second), 50 us to 1 ms. Measured at 32,100,128,256: helpers
-  // joined after a median 30 us, 90% within 56 us; a 200 us wait missed 2-8% of the calls.
+  // ~25 G multiply-adds per second), 50 us to 1 ms, unless the caller sets one. Measured at
+  // 32,100,128,256: helpers joined after a median 30 us, 90% within 56 us; a 200 us wait
+  // missed 2-8% of the calls.
   const auto grace = std::chrono::microseconds(
-      std::clamp<int64_t>(static_cast<int64_t>(macs / 25e3 / 8), 50, 1000));
+      grace_us > 0 ? grace_us
+                   : std::clamp<int64_t>(static_cast<int64_t>(macs / 25e3 / 8), 50, 1000));
   const auto start = std::chrono::steady_clock::now();
   while ((crew->joined.load(std::memory_order_acquire) & ~Crew::kClosed) < wanted - 1 &&
          std::chrono::steady_clock::now() - start < grace) {
   }
-  const int64_t team = (crew->joined.fetch_or(Crew::kClosed) & ~Crew::kClosed) + 1;
+  const int64_t joined = crew->joined.fetch_or(Crew::kClosed) & ~Crew::kClosed;
+  const int64_t team = team_with_units(d.hidden, joined + 1);
   crew->barrier = std::make_unique<StepBarrier>(team);
   crew->size.store(team, std::memory_order_release);
-  work(0, member_part(d.hidden, team, 0), *crew->barrier);
-  while (crew->finished.load(std::memory_order_acquire) < team - 1) std::this_thread::yield();
+  crew->guarded(0, member_part(d.hidden, team, 0), *crew->barrier);
+  // Every helper that joined is running (or about to): wait for all of them, including any
+  // the team had no units for, since they read the crew's barrier.
+  while (crew->finished.load(std::memory_order_acquire) < joined) std::this_thread::yield();
+  return !crew->failed;
 }
 
-ffi::Error check_dims(ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> w_hh, Dims* d) {
-  const auto xd = xw.dimensions();
-  const auto wd = w_hh.dimensions();
-  if (xd.size() < 3 || wd.size() != xd.size() - 1)
-    return ffi::Error::InvalidArgument("lstm_jax cpu kernel: xw must be (..., T, B, 4H) and "
-                                       "w_hh (..., H, 4H)");
-  const size_t n = xd.size();
-  d->steps = xd[n - 3];
-  d->batch = xd[n - 2];
-  d->hidden = xd[n - 1] / 4;
-  d->problems = 1;
-  for (size_t i = 0; i + 3 < n; ++i) d->problems *= xd[i];
-  if (xd[n - 1] != 4 * d->hidden || wd[n - 3] != d->hidden || wd[n - 2] != 4 * d->hidden)
-    return ffi::Error::InvalidArgument("lstm_jax cpu kernel: w_hh must be (H, 4H) for xw "
-                                       "(T, B, 4H)");
-  return ffi::Error::Success();
+// The problem's sizes from xw (..., T, B, 4H), and every other buffer checked against them:
+// a mis-shaped buffer would otherwise be read or written out of bounds.
+class ShapeCheck {
+ public:
+  ShapeCheck(const char* call, ffi::AnyBuffer::Dimensions xw) : call_(call) {
+    const size_t n = xw.size();
+    if (n < 3 || xw[n - 1] % 4 != 0) {
+      error_ = "xw must be (..., T, B, 4H)";
+      return;
+    }
+    lead_.assign(xw.begin(), xw.end() - 3);
+    d.steps = xw[n - 3];
+    d.batch = xw[n - 2];
+    d.hidden = xw[n - 1] / 4;
+    d.problems = 1;
+    for (int64_t v : lead_) d.problems *= v;
+  }
+
+  // Checks that `dims` are the leading problem dimensions followed by `tail`.
+  void expect(const char* name, ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> tail) {
+    if (!error_.empty()) return;
+    std::vector<int64_t> want(lead_), got(dims.begin(), dims.end());
+    want.insert(want.end(), tail);
+    if (got != want)
+      error_ = std::string(name) + " has shape " + shape(got) + ", expected " + shape(want);
+  }
+
+  ffi::Error result() const {
+    if (error_.empty()) return ffi::Error::Success();
+    return ffi::Error::InvalidArgument(std::string("lstm_jax cpu kernel (") + call_ + "): " +
+                                       error_);
+  }
+
+  Dims d{};
+
+ private:
+  static std::string shape(const std::vector<int64_t>& dims) {
+    std::string out = "(";
+    for (size_t i = 0; i < dims.size(); ++i) out += (i ? ", " : "") + std::to_string(dims[i]);
+    return out + ")";
+  }
+
+  const char* call_;
+  std::vector<int64_t> lead_;
+  std::string error_;
+};
+
+ffi::Error failed(const char* call) {
+  return ffi::Error::Internal(std::string("lstm_jax cpu kernel (") + call +
+                              "): a thread failed (out of memory?)");
 }
 
-ffi::Error Forward(ffi::ThreadPool& pool, int64_t threads, ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
+ffi::Error Forward(ffi::ThreadPool& pool, int64_t threads, int64_t grace_us, bool has_mask,
+                   ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
                    ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0,
-                   ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask, bool has_mask,
+                   ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
                    ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_n,
                    ffi::ResultBuffer<ffi::F32> c_n, float* acts, float* c_prev) {
-  Dims d;
-  if (auto err = check_dims(xw, w_hh, &d); !err.success()) return err;
-  const int64_t H = d.hidden, G = 4 * H, B = d.batch, TB = d.steps * B;
+  ShapeCheck check("forward", xw.dimensions());
+  const Dims& d = check.d;
+  const int64_t H = d.hidden, G = 4 * H, B = d.batch, T = d.steps, TB = T * B;
+  check.expect("bias", bias.dimensions(), {G});
+  check.expect("w_hh", w_hh.dimensions(), {H, G});
+  check.expect("h0", h0.dimensions(), {B, H});
+  check.expect("c0", c0.dimensions(), {B, H});
+  if (has_mask) check.expect("mask", mask.dimensions(), {T, B});
+  check.expect("ys", ys->dimensions(), {T, B, H});
+  check.expect("h_n", h_n->dimensions(), {B, H});
+  check.expect("c_n", c_n->dimensions(), {B, H});
+  if (auto err = check.result(); !err.success()) return err;
   const bool* m = has_mask ? mask.typed_data() : nullptr;
   std::vector<float> h_shared(d.problems * 2 * B * H);
-  run_teams(d, threads, pool, [&](int64_t p, const Part& part, StepBarrier& barrier) {
+  const bool ok = run_teams(d, threads, pool, grace_us, [&](int64_t p, const Part& part,
+                                                            StepBarrier& barrier) {
     ForwardArgs a{xw.typed_data() + p * TB * G, bias.typed_data() + p * G,
                   w_hh.typed_data() + p * H * G, h0.typed_data() + p * B * H,
                   c0.typed_data() + p * B * H, m == nullptr ? nullptr : m + p * TB,
@@ -497,40 +583,56 @@ ffi::Error Forward(ffi::ThreadPool& pool, int64_t threads, ffi::Buffer<ffi::F32>
                   h_shared.data() + p * 2 * B * H};
     forward_part(d, a, part, barrier);
   });
-  return ffi::Error::Success();
+  return ok ? ffi::Error::Success() : failed("forward");
 }
 
-ffi::Error TrainForwardImpl(ffi::ThreadPool pool, int64_t threads, bool has_mask, ffi::Buffer<ffi::F32> xw,
-                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_hh,
-                            ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                            ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> ys,
-                            ffi::ResultBuffer<ffi::F32> h_n, ffi::ResultBuffer<ffi::F32> c_n,
-                            ffi::ResultBuffer<ffi::F32> acts,
+ffi::Error TrainForwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
+                            bool has_mask, ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
+                            ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0,
+                            ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
+                            ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_n,
+                            ffi::ResultBuffer<ffi::F32> c_n, ffi::ResultBuffer<ffi::F32> acts,
                             ffi::ResultBuffer<ffi::F32> c_prev) {
-  return Forward(pool, threads, xw, bias, w_hh, h0, c0, mask, has_mask, ys, h_n, c_n,
+  ShapeCheck check("forward", xw.dimensions());
+  check.expect("acts", acts->dimensions(), {check.d.steps, check.d.batch, 4 * check.d.hidden});
+  check.expect("c_prev", c_prev->dimensions(), {check.d.steps, check.d.batch, check.d.hidden});
+  if (auto err = check.result(); !err.success()) return err;
+  return Forward(pool, threads, grace_us, has_mask, xw, bias, w_hh, h0, c0, mask, ys, h_n, c_n,
                  acts->typed_data(), c_prev->typed_data());
 }
 
-ffi::Error InferForwardImpl(ffi::ThreadPool pool, int64_t threads, bool has_mask, ffi::Buffer<ffi::F32> xw,
-                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_hh,
-                            ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                            ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> ys,
-                            ffi::ResultBuffer<ffi::F32> h_n, ffi::ResultBuffer<ffi::F32> c_n) {
-  return Forward(pool, threads, xw, bias, w_hh, h0, c0, mask, has_mask, ys, h_n, c_n, nullptr,
-                 nullptr);
+ffi::Error InferForwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
+                            bool has_mask, ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
+                            ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0,
+                            ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
+                            ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_n,
+                            ffi::ResultBuffer<ffi::F32> c_n) {
+  return Forward(pool, threads, grace_us, has_mask, xw, bias, w_hh, h0, c0, mask, ys, h_n, c_n,
+                 nullptr, nullptr);
 }
 
-ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, bool has_mask, ffi::Buffer<ffi::F32> w_hh,
-                        ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> c_prev,
-                        ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dh_n,
-                        ffi::Buffer<ffi::F32> dc_n, ffi::Buffer<ffi::PRED> mask,
-                        ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dh0,
-                        ffi::ResultBuffer<ffi::F32> dc0) {
-  Dims d;
-  if (auto err = check_dims(acts, w_hh, &d); !err.success()) return err;
-  const int64_t H = d.hidden, G = 4 * H, B = d.batch, TB = d.steps * B;
+ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us, bool has_mask,
+                        ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> acts,
+                        ffi::Buffer<ffi::F32> c_prev, ffi::Buffer<ffi::F32> dys,
+                        ffi::Buffer<ffi::F32> dh_n, ffi::Buffer<ffi::F32> dc_n,
+                        ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> dz,
+                        ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0) {
+  ShapeCheck check("backward", acts.dimensions());
+  const Dims& d = check.d;
+  const int64_t H = d.hidden, G = 4 * H, B = d.batch, T = d.steps, TB = T * B;
+  check.expect("w_hh", w_hh.dimensions(), {H, G});
+  check.expect("c_prev", c_prev.dimensions(), {T, B, H});
+  check.expect("dys", dys.dimensions(), {T, B, H});
+  check.expect("dh_n", dh_n.dimensions(), {B, H});
+  check.expect("dc_n", dc_n.dimensions(), {B, H});
+  if (has_mask) check.expect("mask", mask.dimensions(), {T, B});
+  check.expect("dz", dz->dimensions(), {T, B, G});
+  check.expect("dh0", dh0->dimensions(), {B, H});
+  check.expect("dc0", dc0->dimensions(), {B, H});
+  if (auto err = check.result(); !err.success()) return err;
   const bool* m = has_mask ? mask.typed_data() : nullptr;
-  run_teams(d, threads, pool, [&](int64_t p, const Part& part, StepBarrier& barrier) {
+  const bool ok = run_teams(d, threads, pool, grace_us, [&](int64_t p, const Part& part,
+                                                            StepBarrier& barrier) {
     BackwardArgs a{w_hh.typed_data() + p * H * G, acts.typed_data() + p * TB * G,
                    c_prev.typed_data() + p * TB * H, dys.typed_data() + p * TB * H,
                    dh_n.typed_data() + p * B * H, dc_n.typed_data() + p * B * H,
@@ -538,7 +640,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, bool has_mask, ff
                    dh0->typed_data() + p * B * H, dc0->typed_data() + p * B * H};
     backward_part(d, a, part, barrier);
   });
-  return ffi::Error::Success();
+  return ok ? ffi::Error::Success() : failed("backward");
 }
 
 }  // namespace
@@ -547,6 +649,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxTrainForward, TrainForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("grace_us")
                                   .Attr<bool>("has_mask")
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -564,6 +667,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxInferForward, InferForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("grace_us")
                                   .Attr<bool>("has_mask")
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -579,6 +683,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxBackward, BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("grace_us")
                                   .Attr<bool>("has_mask")
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

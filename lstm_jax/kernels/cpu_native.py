@@ -28,6 +28,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -57,35 +58,42 @@ def cache_dir() -> Path:
     return Path(base) / "lstm_jax"
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+def _compiler() -> list[str] | None:
+    """The C++ compiler command: ``$CXX`` (which may carry a wrapper, e.g. ``ccache g++``),
+    else ``c++`` or ``g++`` from the PATH."""
+    cxx = os.environ.get("CXX", "").strip()
+    if cxx:
+        return shlex.split(cxx)
+    found = shutil.which("c++") or shutil.which("g++")
+    return [found] if found else None
 
 
 def _cpu_signature() -> str:
     """The CPU's model and instruction-set flags (``-march=native`` code is only valid there)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
+    except OSError:  # not Linux: the best description the standard library has
+        return " ".join(platform.uname()) + " " + platform.processor()
     keep = [line for line in text.splitlines()
             if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
     return "\n".join(sorted(set(keep)))
 
 
-def _compiler_version(cxx: str) -> str:
+def _compiler_version(cxx: list[str]) -> str:
     try:
-        return subprocess.run([cxx, "--version"], capture_output=True, text=True,
+        return subprocess.run([*cxx, "--version"], capture_output=True, text=True,
                               timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
-def library_path(cxx: str) -> Path:
+def library_path(cxx: list[str] | str) -> Path:
     """The cached shared library for this source, compiler, jaxlib and CPU."""
     import jaxlib
 
+    cxx = shlex.split(cxx) if isinstance(cxx, str) else cxx
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(_FLAGS).encode(), cxx.encode(),
+    for part in (SOURCE.read_bytes(), " ".join(_FLAGS).encode(), " ".join(cxx).encode(),
                  _compiler_version(cxx).encode(), jaxlib.__version__.encode(),
                  platform.machine().encode(), _cpu_signature().encode()):
         key.update(part)
@@ -93,21 +101,26 @@ def library_path(cxx: str) -> Path:
     return cache_dir() / f"cpu_lstm-{key.hexdigest()[:20]}.so"
 
 
-def build(cxx: str, target: Path) -> None:
+def build(cxx: list[str] | str, target: Path) -> None:
     """Compiles ``cpu_lstm.cc`` with ``cxx`` into ``target``; RuntimeError with the compiler's
     message if that fails (``target`` is then left untouched)."""
+    cxx = shlex.split(cxx) if isinstance(cxx, str) else cxx
     target.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a temporary name and rename: concurrent processes never load a partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        cmd = [*cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as err:
-            raise RuntimeError(f"running {cxx} failed: {err}") from err
+            raise RuntimeError(f"running {' '.join(cxx)} failed: {err}") from err
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        # mkstemp made the file private; a shared cache needs it readable as the umask allows.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -124,13 +137,25 @@ def _load() -> str | None:
         path = library_path(cxx)
         if not path.exists():
             build(cxx, path)
-        lib = ctypes.CDLL(str(path))
+        try:
+            lib = _open(path)
+        except (OSError, AttributeError):
+            # A cached file that does not load (truncated, another build's): build it again.
+            build(cxx, path)
+            lib = _open(path)
         for name, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
                                         platform="cpu")
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+    except Exception as err:  # noqa: BLE001 - any failure means "no kernel here", said once
         return f"building the CPU kernel failed: {err}"
     return None
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for symbol in _TARGETS.values():
+        getattr(lib, symbol)  # AttributeError if the file is not this kernel
+    return lib
 
 
 def unavailable_reason() -> str | None:
@@ -153,9 +178,10 @@ def _call(name, results, *args, threads, has_mask, aliases=None):
     reason = _load()
     if reason is not None:
         raise RuntimeError(f'backend="cpu" is unavailable: {reason}')
+    threads, grace_us = threads
     return jax.ffi.ffi_call(name, results, vmap_method="broadcast_all",
                             input_output_aliases=aliases)(
-        *args, threads=np.int64(threads), has_mask=bool(has_mask))
+        *args, threads=np.int64(threads), grace_us=np.int64(grace_us), has_mask=bool(has_mask))
 
 
 def _mask_arg(mask):
@@ -203,7 +229,7 @@ def _cpu_recurrence_bwd(threads, residuals, cotangents):
     w_hh, h0, mask, b, ys, acts, c_prev = residuals
     dys, (dh_n, dc_n) = cotangents
     f32 = jnp.float32
-    batch, hidden = h0.shape
+    batch, hidden = c_prev.shape[1:]
     results = [jax.ShapeDtypeStruct(acts.shape, f32),
                jax.ShapeDtypeStruct((batch, hidden), f32),
                jax.ShapeDtypeStruct((batch, hidden), f32)]
@@ -230,6 +256,7 @@ def cpu_recurrence(
     b: Array | None = None,
     *,
     threads: int | None = None,
+    helper_wait_us: int | None = None,
     precision=None,
 ) -> tuple[Array, tuple[Array, Array]]:
     """One LSTM layer over time in one C++ call: ``xw: (T, B, 4H)`` -> ``(ys, (h_T, c_T))``.
@@ -248,10 +275,15 @@ def cpu_recurrence(
       w_hh: ``(H, 4H)`` float32 recurrent weight.
       w_hr: must be None: no projection (``proj_size``) support.
       h0, c0: ``(B, H)`` float32 initial state.
-      mask: ``(T, B)`` bool or None; False steps keep the state and output zero.
+      mask: ``(T, B)`` bool or None; False steps keep the state and output zero. Each
+        sequence's valid steps must come first (as ``lstm``'s ``seq_lengths`` make them):
+        the weight gradient takes ``h_{t-1}`` from the previous step's output.
       b: ``(4H,)`` float32 bias added to ``xw`` inside the loop, or None.
-      threads: threads for independent batch rows and vmapped problems; None: the CPUs
-        this process may use (:func:`default_threads`).
+      threads: at most this many threads (from XLA's CPU thread pool) split one sequence's
+        hidden units or take whole vmapped problems; None: the CPUs this process may use
+        (:func:`default_threads`).
+      helper_wait_us: how long the calling thread waits for helper threads to join before
+        it runs with those that did; None scales it with the loop's work (50 us to 1 ms).
       precision: ignored (the kernel's products are exact float32 sums); accepted for the
         common loop signature.
 
@@ -276,8 +308,16 @@ def cpu_recurrence(
     hidden = four_h // 4
     if w_hh.shape != (hidden, four_h):
         raise ValueError(f"w_hh has shape {w_hh.shape}, expected {(hidden, four_h)}")
-    for name, a in (("xw", xw), ("w_hh", w_hh), ("h0", h0), ("c0", c0)):
-        if a.dtype != jnp.float32:
+    expected = {"h0": (batch, hidden), "c0": (batch, hidden), "mask": (steps, batch),
+                "b": (four_h,)}
+    for name, a in (("h0", h0), ("c0", c0), ("mask", mask), ("b", b)):
+        if a is not None and a.shape != expected[name]:
+            raise ValueError(f"{name} has shape {a.shape}, expected {expected[name]}")
+    for name, a in (("xw", xw), ("w_hh", w_hh), ("h0", h0), ("c0", c0), ("b", b)):
+        if a is not None and a.dtype != jnp.float32:
             raise ValueError(f"the CPU kernel runs float32 only; {name} has dtype {a.dtype}")
+    if mask is not None and mask.dtype != jnp.bool_:
+        raise ValueError(f"mask must be bool, got dtype {mask.dtype}")
     threads = default_threads() if threads is None else int(threads)
-    return _cpu_recurrence(threads, xw, w_hh, h0, c0, mask, b)
+    wait = 0 if helper_wait_us is None else max(1, int(helper_wait_us))
+    return _cpu_recurrence((threads, wait), xw, w_hh, h0, c0, mask, b)
