@@ -272,7 +272,7 @@ struct ForwardArgs {
 // One team member's share of one problem's forward pass, all steps.
 void forward_part(const Dims& d, const ForwardArgs& a, const Part& part, StepBarrier& barrier) {
   const int64_t H = d.hidden, G = 4 * H, B = d.batch, n = part.width(), g = 4 * n;
-  std::vector<float> own(H * g), bias(g), c(B * n), z(B * g);
+  std::vector<float> own(H * g), bias(g), c(B * n), z(B * g), h_own(B * H);
   for (int64_t k = 0; k < H; ++k) gather_gates(a.w + k * G, H, part, own.data() + k * g);
   const std::vector<float> w = pack_panels(own.data(), g, g, H);
   gather_gates(a.bias, H, part, bias.data());
@@ -290,7 +290,11 @@ void forward_part(const Dims& d, const ForwardArgs& a, const Part& part, StepBar
       gather_gates(a.xw + (t * B + b) * G, H, part, zr);
       for (int64_t j = 0; j < g; ++j) zr[j] += bias[j];
     }
-    product(h, H, w.data(), g, H, z.data(), g, B);
+    // The product reads h_{t-1} from a private copy: read in place, half of it written by
+    // the other core just before, the product ran at 55 GFLOP/s instead of ~100 (kernel
+    // timers at 32,100,128,256: 400 -> 255 k cycles per step, copy included).
+    std::memcpy(h_own.data(), h, B * H * sizeof(float));
+    product(h_own.data(), H, w.data(), g, H, z.data(), g, B);
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = t * B + b;
       float* zr = z.data() + b * g;
@@ -334,7 +338,7 @@ void backward_part(const Dims& d, const BackwardArgs& a, const Part& part,
                    StepBarrier& barrier) {
   const int64_t H = d.hidden, G = 4 * H, B = d.batch, n = part.width();
   // W_hh^T restricted to this member's units: (4H, n), so the product has the forward's form.
-  std::vector<float> own_t(G * n), dh(B * n), dc(B * n), dh_next(B * n);
+  std::vector<float> own_t(G * n), dh(B * n), dc(B * n), dh_next(B * n), dz_own(B * G);
   for (int64_t u = 0; u < n; ++u)
     for (int64_t j = 0; j < G; ++j) own_t[j * n + u] = a.w[(part.u0 + u) * G + j];
   const std::vector<float> w_t = pack_panels(own_t.data(), n, n, G);
@@ -362,7 +366,9 @@ void backward_part(const Dims& d, const BackwardArgs& a, const Part& part,
     }
     if (!barrier.wait(phase)) return;  // dz_t complete: every member reads the whole row
     std::fill(dh_next.begin(), dh_next.end(), 0.0f);
-    product(a.dz + t * B * G, G, w_t.data(), n, G, dh_next.data(), n, B);
+    // From a private copy of dz_t, as the forward reads h (written partly by other cores).
+    std::memcpy(dz_own.data(), a.dz + t * B * G, B * G * sizeof(float));
+    product(dz_own.data(), G, w_t.data(), n, G, dh_next.data(), n, B);
     for (int64_t b = 0; b < B; ++b)
       if (a.mask == nullptr || a.mask[t * B + b])
         std::memcpy(dh.data() + b * n, dh_next.data() + b * n, n * sizeof(float));
