@@ -174,6 +174,11 @@ void product(const float* a, int64_t lda, const float* packed, int64_t N, int64_
   }
 }
 
+// x <- k tanh(k x) + (1 - k) over n values: tanh for k = 1, the logistic sigmoid for k = 1/2.
+inline void activate(float* __restrict x, int64_t n, float k) {
+  for (int64_t j = 0; j < n; ++j) x[j] = k * tanh_approx(k * x[j]) + (1.0f - k);
+}
+
 // The cell update of one row's n units from its activated gates. The pointers never
 // overlap; saying so (restrict) lets the compiler vectorise the loop, which it otherwise
 // runs one element at a time behind run-time overlap checks.
@@ -298,11 +303,10 @@ void forward_part(const Dims& d, const ForwardArgs& a, const Part& part, StepBar
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = t * B + b;
       float* zr = z.data() + b * g;
-      // sigmoid(x) = 0.5 tanh(x / 2) + 0.5: one rational tanh for all four gates.
-      for (int64_t j = 0; j < g; ++j) {
-        const float k = (j >= 2 * n && j < 3 * n) ? 1.0f : 0.5f;
-        zr[j] = k * tanh_approx(k * zr[j]) + (1.0f - k);
-      }
+      // sigmoid(x) = 0.5 tanh(x / 2) + 0.5: the same rational tanh for all four gates.
+      activate(zr, 2 * n, 0.5f);          // i, f
+      activate(zr + 2 * n, n, 1.0f);      // g
+      activate(zr + 3 * n, n, 0.5f);      // o
       const float *gi = zr, *gf = zr + n, *gg = zr + 2 * n, *go = zr + 3 * n;
       float* cr = c.data() + b * n;
       float* hn = h_next + b * H + part.u0;
