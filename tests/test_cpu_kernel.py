@@ -304,3 +304,35 @@ def test_nan_and_inf_propagate_as_in_the_scan():
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
     assert np.isnan(np.asarray(got[0][1:, 0])).any(axis=-1).all()  # from step 1 on
+
+
+def test_concurrent_calls_from_two_threads_finish_and_agree():
+    # Two Python threads running the kernel at once compete for XLA's pool: helpers may come
+    # late or not at all. Every call must still finish (no member waits for a helper that
+    # never joined) with the single-thread numbers.
+    import threading
+
+    problem = _problem(70, 1, 128)
+    run = jax.jit(lambda xw, w, h, c: cpu_recurrence(xw, w, None, h, c, None)[0])
+    xw, w_hh, h0, c0 = problem[:4]
+    want = np.asarray(jax.jit(
+        lambda xw, w, h, c: cpu_recurrence(xw, w, None, h, c, None, threads=1)[0]
+    )(xw, w_hh, h0, c0))
+    results, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(20):
+                results.append(np.asarray(run(xw, w_hh, h0, c0)))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a kernel call did not finish"
+    assert not errors and len(results) == 40
+    for got in results:
+        np.testing.assert_array_equal(got, want)
