@@ -194,8 +194,10 @@ def test_auto_on_cpu_follows_the_measurements():
              (32, 100, 128, 256): {"scan": 1.1, "cpu": 1.2}}
     pick = lambda **kw: choose_backend("auto", platform="cpu", table=table, **kw)
     assert pick(batch=1, hidden=128) == "cpu"
-    assert pick(batch=2, hidden=100) == "cpu"  # nearest measured shape
+    assert pick(batch=1, hidden=100) == "cpu"  # nearest measured shape
+    assert pick(batch=2, hidden=100) == "scan"  # above the largest batch where it won
     assert pick(batch=32, hidden=256) == "scan"
+    assert pick(batch=1, hidden=256) == "scan"  # above the largest H where the kernel won
     for kw in (dict(proj=8), dict(has_variants=True), dict(remat=True),
                dict(dtype=jnp.bfloat16), dict(custom_grad=False)):
         assert pick(batch=1, hidden=128, **kw) == "scan"
@@ -276,6 +278,10 @@ def test_default_cpu_table_follows_the_measurements():
         assert choose_backend("auto", platform="cpu", batch=batch, hidden=hidden) == "cpu"
     assert choose_backend("auto", platform="cpu", batch=128, hidden=512) == "scan"
     assert choose_backend("auto", platform="cpu", batch=256, hidden=1024) == "scan"
+    # Outside the range where the kernel was measured winning (batch 32, H 256): the scan,
+    # whatever the nearest measured shape says.
+    assert choose_backend("auto", platform="cpu", batch=1, hidden=2048) == "scan"
+    assert choose_backend("auto", platform="cpu", batch=64, hidden=128) == "scan"
 
 
 def test_the_kernel_checks_every_buffer_shape():

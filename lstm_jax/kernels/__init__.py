@@ -7,9 +7,10 @@
 * :func:`cpu_recurrence`: a C++ kernel for one layer's time loop on CPU through XLA's FFI,
   compiled on first use with the host's compiler, same contract as the scan recurrence.
 * :func:`choose_backend`: picks ``"scan"``, ``"pallas"``, ``"cudnn"`` or ``"cpu"`` per
-  platform and shape;
-  :func:`pallas_product` picks the kernel's tensor-core (``"mma"``) or register (``"fma"``)
-  products.
+  platform and shape (:data:`BACKENDS` names them); :func:`pallas_product` picks the Pallas
+  kernel's tensor-core (``"mma"``) or register (``"fma"``) products.
+* :func:`fits_on_chip` says whether W_hh stays on chip in the Pallas kernel;
+  :func:`to_cudnn_weights` converts parameters to cuDNN's flat layout.
 """
 
 from lstm_jax.kernels.cpu_native import cpu_recurrence as cpu_recurrence

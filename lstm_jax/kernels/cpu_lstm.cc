@@ -15,8 +15,9 @@
 // caller forms the weight gradients as large products after the loop.
 //
 // Every array may carry leading "problem" dimensions (vmap, both directions of a
-// bidirectional layer): problems and blocks of batch rows are independent for the whole
-// loop, so they run on separate threads with no synchronisation inside the loop.
+// bidirectional layer): problems are independent for the whole loop and run one per thread
+// with no synchronisation. A single problem large enough is split by hidden units between a
+// team of threads, which exchange h (or dz) once per step through a barrier (run_teams).
 //
 // float32 only. Built on first use by lstm_jax/kernels/cpu_native.py with the host's
 // compiler (-O3 -march=native).

@@ -10,13 +10,16 @@ nothing in between. It is the CPU counterpart of the persistent Pallas kernel.
 Same contract as :func:`lstm_jax._recurrence.recurrence` (gate order i, f, g, o; masked
 steps carry the state and output zero) and the same backward design: the kernel's backward
 walks time in reverse carrying ``(dh, dc)`` and emits ``dz_t``; ``dW_hh`` is one large XLA
-product after the loop and the gradient of ``xw`` is ``dz`` itself. Leading batch
-dimensions (``vmap``, the two directions of a bidirectional layer) and blocks of batch rows
-run on separate threads, with no synchronisation inside the time loop.
+product after the loop and the gradient of ``xw`` is ``dz`` itself. Threads come from XLA's
+own CPU pool: several problems (``vmap``, the two directions of a bidirectional layer) run
+one per thread with no synchronisation; a single sequence large enough is split by hidden
+units between two or more threads (each keeps its share of ``W_hh`` in its core's cache),
+which exchange ``h`` (or ``dz``) once per step through a barrier.
 
-The kernel is compiled on first use with the host's C++ compiler (``$CXX`` or ``c++``,
-``-O3 -march=native``) against the FFI headers that jaxlib ships, and cached under
-``$LSTM_JAX_CACHE_DIR`` (default ``~/.cache/lstm_jax``), keyed by the source, the
+The kernel is compiled on first use with the host's C++ compiler (``$CXX``, else ``c++`` or
+``g++`` from the PATH; ``-O3 -march=native``) against the FFI headers that jaxlib ships, and
+cached under ``$LSTM_JAX_CACHE_DIR`` (default ``$XDG_CACHE_HOME/lstm_jax``, i.e.
+``~/.cache/lstm_jax``), keyed by the source, the
 compiler, jaxlib and the CPU. Where no compiler works, :func:`unavailable_reason` says why
 and ``backend="auto"`` keeps the scan.
 """
@@ -267,6 +270,7 @@ def cpu_recurrence(
         h, c = h0, c0
         for t in range(T):                       # inside the kernel
             z = xw[t] + b + h @ w_hh             # gate order i, f, g, o
+            i, f, o, g = sigmoid(z_i), sigmoid(z_f), sigmoid(z_o), tanh(z_g)
             c, h = f * c + i * g, o * tanh(f * c + i * g)   # carried only where mask[t]
             ys[t] = h if mask[t] else 0
 
@@ -279,9 +283,9 @@ def cpu_recurrence(
         sequence's valid steps must come first (as ``lstm``'s ``seq_lengths`` make them):
         the weight gradient takes ``h_{t-1}`` from the previous step's output.
       b: ``(4H,)`` float32 bias added to ``xw`` inside the loop, or None.
-      threads: at most this many threads (from XLA's CPU thread pool) split one sequence's
-        hidden units or take whole vmapped problems; None: the CPUs this process may use
-        (:func:`default_threads`).
+      threads: at most this many threads split one sequence's hidden units or take whole
+        vmapped problems; None: the CPUs this process may use (:func:`default_threads`).
+        Also capped by the size of XLA's CPU thread pool, where the helpers come from.
       helper_wait_us: how long the calling thread waits for helper threads to join before
         it runs with those that did; None scales it with the loop's work (50 us to 1 ms).
       precision: ignored (the kernel's products are exact float32 sums); accepted for the
@@ -295,7 +299,7 @@ def cpu_recurrence(
       >>> xw = jnp.zeros((T, B, 4 * H)); w = jnp.zeros((H, 4 * H))
       >>> state = jnp.zeros((B, H))
       >>> ys, (h, c) = cpu_recurrence(xw, w, None, state, state, None)  # doctest: +SKIP
-      >>> ys.shape
+      >>> ys.shape  # doctest: +SKIP
       (5, 2, 8)
     """
     del precision

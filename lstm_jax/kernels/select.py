@@ -250,10 +250,17 @@ def choose_backend(
 
 
 def _auto_cpu(batch, hidden, proj, dtype, has_variants, remat, table) -> str:
-    """"cpu" where the C++ kernel measured faster at the nearest shape and can run the call."""
-    key = _nearest(batch, hidden, table)
-    if key is None:
+    """"cpu" where the C++ kernel measured faster at the nearest shape and can run the call.
+
+    Only inside the measured range where it won: a batch or hidden size above every shape
+    at which the kernel beat the scan keeps the scan (the nearest-shape rule alone would send
+    1 x 2048 to the kernel on the strength of 1 x 128, where W_hh fits the caches).
+    """
+    wins = [key for key, times in table.items()
+            if "cpu" in times and times["cpu"] < times.get("scan", float("inf"))]
+    if not wins or batch > max(b for b, *_ in wins) or hidden > max(k[3] for k in wins):
         return "scan"
+    key = _nearest(batch, hidden, table)
     measured = table[key]
     if "cpu" not in measured or measured["cpu"] >= measured.get("scan", float("inf")):
         return "scan"

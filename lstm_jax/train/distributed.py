@@ -231,8 +231,8 @@ class DataParallel:
 
     def model_config(self, cfg: Any) -> Any:
         """``model.*`` for this mesh: with more than one device the core runs its ``lax.scan``
-        backend, which XLA partitions over the batch; the Pallas and cuDNN kernels are custom
-        calls that XLA would run on the whole batch on every device."""
+        backend, which XLA partitions over the batch; the Pallas, cuDNN and C++ CPU kernels are
+        custom calls that XLA would run on the whole batch on every device."""
         if self.size == 1:
             return cfg
         backend = cfg.lstm_kwargs.get("backend", "auto")
