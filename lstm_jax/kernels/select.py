@@ -20,12 +20,12 @@ from lstm_jax.kernels import pallas_lstm
 
 BACKENDS = ("auto", "scan", "pallas", "cudnn", "cpu")
 # Forward+backward time of one layer relative to torch.nn.LSTM (oneDNN) measured in the same
-# process on the 2-core AMD EPYC benchmark VM (2026-11-27 08:25 UTC, jax 0.10.2, torch
-# 2.13.0; benchmarks/results/cpu-2core.md), keyed by (batch, steps, input_size, hidden).
-# "cpu" is the C++ kernel (threads split the hidden units of one sequence, or take whole
-# problems), "scan" the lax.scan loop. The kernel wins at small batch, where the scan pays
-# XLA's per-step dispatch; at large B * H the scan's library products (YNNPACK, both cores)
-# win.
+# process on the 2-core AMD EPYC benchmark VM (2026-11-27, jax 0.10.2, torch 2.13.0;
+# benchmarks/results/cpu-2core.md and benchmarks/cpu-notes.md: the first seven from the
+# 08:25 UTC table, the rest from two runs at 08:44 UTC), keyed by (batch, steps, input_size,
+# hidden). "cpu" is the C++ kernel (threads split the hidden units of one sequence, or take
+# whole problems), "scan" the lax.scan loop. The kernel won everywhere but at 128 x 512,
+# where the scan's library products (YNNPACK, both cores) tie with it.
 MEASURED_CPU: dict[tuple[int, int, int, int], dict[str, float]] = {
     (1, 500, 64, 64): {"scan": 0.69, "cpu": 0.41},
     (1, 1000, 32, 128): {"scan": 0.93, "cpu": 0.52},
@@ -34,6 +34,13 @@ MEASURED_CPU: dict[tuple[int, int, int, int], dict[str, float]] = {
     (16, 500, 128, 128): {"scan": 1.10, "cpu": 0.88},
     (32, 100, 128, 256): {"scan": 1.34, "cpu": 1.05},
     (128, 50, 512, 512): {"scan": 1.12, "cpu": 1.12},  # a tie: the scan, which runs everything
+    (1, 500, 64, 512): {"scan": 0.96, "cpu": 0.80},
+    (8, 200, 128, 512): {"scan": 1.32, "cpu": 1.16},
+    (64, 100, 128, 128): {"scan": 1.45, "cpu": 1.26},
+    (64, 100, 128, 256): {"scan": 1.27, "cpu": 1.09},
+    (128, 100, 128, 128): {"scan": 1.39, "cpu": 1.08},
+    (1, 200, 64, 1024): {"scan": 1.46, "cpu": 0.73},
+    (4, 200, 128, 1024): {"scan": 1.56, "cpu": 0.89},
 }
 _NVIDIA = ("gpu", "cuda")
 
@@ -254,7 +261,7 @@ def _auto_cpu(batch, hidden, proj, dtype, has_variants, remat, table) -> str:
 
     Only inside the measured range where it won: a batch or hidden size above every shape
     at which the kernel beat the scan keeps the scan (the nearest-shape rule alone would send
-    1 x 2048 to the kernel on the strength of 1 x 128, where W_hh fits the caches).
+    1 x 4096 to the kernel on the strength of 1 x 1024).
     """
     wins = [key for key, times in table.items()
             if "cpu" in times and times["cpu"] < times.get("scan", float("inf"))]
