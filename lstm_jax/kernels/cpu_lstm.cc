@@ -125,8 +125,6 @@ inline void panel_block(const float* a, int64_t lda, const float* panel, int64_t
       // loaded R times and the loads, not the multiply-adds, bound the loop.
 #if defined(__x86_64__)
       asm("" : "+x"(wv[v]));
-#elif defined(__aarch64__)
-      asm("" : "+w"(wv[v]));
 #endif
     }
     for (int r = 0; r < R; ++r) {
