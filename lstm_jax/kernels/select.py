@@ -22,7 +22,7 @@ BACKENDS = ("auto", "scan", "pallas", "cudnn", "cpu")
 # Forward+backward time of one layer relative to torch.nn.LSTM (oneDNN) measured in the same
 # process on the 2-core AMD EPYC benchmark VM (2026-11-27, jax 0.10.2, torch 2.13.0;
 # benchmarks/results/cpu-2core.md and benchmarks/cpu-notes.md: the first seven from the
-# 08:25 UTC table, the rest from two runs at 08:44 UTC), keyed by (batch, steps, input_size,
+# 08:25 UTC table, the rest from runs at 08:44-08:55 UTC), keyed by (batch, steps, input_size,
 # hidden). "cpu" is the C++ kernel (threads split the hidden units of one sequence, or take
 # whole problems), "scan" the lax.scan loop. The kernel won everywhere but at 128 x 512,
 # where the scan's library products (YNNPACK, both cores) tie with it.
@@ -41,6 +41,8 @@ MEASURED_CPU: dict[tuple[int, int, int, int], dict[str, float]] = {
     (128, 100, 128, 128): {"scan": 1.39, "cpu": 1.08},
     (1, 200, 64, 1024): {"scan": 1.46, "cpu": 0.73},
     (4, 200, 128, 1024): {"scan": 1.56, "cpu": 0.89},
+    (32, 100, 64, 512): {"scan": 1.19, "cpu": 1.06},  # another run: 1.09 / 1.34 (noise)
+    (64, 100, 64, 512): {"scan": 1.34, "cpu": 1.17},  # configs/charlm.yaml's layer
 }
 _NVIDIA = ("gpu", "cuda")
 
