@@ -343,3 +343,20 @@ def test_concurrent_calls_from_two_threads_finish_and_agree():
     assert not errors and len(results) == 40
     for got in results:
         np.testing.assert_array_equal(got, want)
+
+
+def test_the_kernel_can_be_switched_off(tmp_path):
+    # LSTM_JAX_CPU_KERNEL=0: auto keeps the scan everywhere and "cpu" says why, without
+    # compiling anything.
+    script = (
+        "from lstm_jax.kernels import cpu_native, select\n"
+        "print(cpu_native.unavailable_reason())\n"
+        "print(select.choose_backend('auto', platform='cpu', batch=1, hidden=128))\n"
+    )
+    env = dict(os.environ, LSTM_JAX_CPU_KERNEL="0", LSTM_JAX_CACHE_DIR=str(tmp_path),
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["disabled by $LSTM_JAX_CPU_KERNEL=0", "scan"]
+    assert not any(tmp_path.iterdir())

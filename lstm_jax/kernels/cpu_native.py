@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shlex
@@ -43,7 +44,11 @@ import numpy as np
 
 Array = jax.Array
 
+log = logging.getLogger(__name__)
+
 SOURCE = Path(__file__).with_name("cpu_lstm.cc")
+# Set to 0 to keep backend="auto" off the kernel (an escape hatch; "cpu" then refuses too).
+ENABLE_VARIABLE = "LSTM_JAX_CPU_KERNEL"
 _TARGETS = {
     "lstm_jax_cpu_train_forward": "LstmJaxTrainForward",
     "lstm_jax_cpu_infer_forward": "LstmJaxInferForward",
@@ -133,12 +138,15 @@ def build(cxx: list[str] | str, target: Path) -> None:
 @functools.cache
 def _load() -> str | None:
     """Builds (once per machine) and registers the kernel; returns why it cannot, or None."""
+    if os.environ.get(ENABLE_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"disabled by ${ENABLE_VARIABLE}={os.environ[ENABLE_VARIABLE]}"
     cxx = _compiler()
     if cxx is None:
         return "no C++ compiler found (set $CXX, or install g++ or clang++)"
     try:
         path = library_path(cxx)
         if not path.exists():
+            log.info("compiling the CPU LSTM kernel into %s (once per machine)", path)
             build(cxx, path)
         try:
             lib = _open(path)
