@@ -197,7 +197,7 @@ def lstm(
         GPU kernel holding ``w_hh`` on chip (small hidden sizes, no projection or variants);
         ``"cudnn"`` ``jax.experimental.rnn`` (GPU, float32, no projection or variants);
         ``"cpu"`` a C++ kernel running each layer's whole time loop in one XLA FFI call
-        (CPU, float32, no projection, variants or remat; compiled with the host's C++
+        (CPU, float32, projection included, no variants or remat; compiled with the host's C++
         compiler on first use, :mod:`lstm_jax.kernels.cpu_native`). ``"auto"`` picks per
         platform and shape from measurements recorded in :mod:`lstm_jax.kernels.select`
         (``"scan"`` on TPU, and wherever nothing else measured faster or applies). An

@@ -81,6 +81,58 @@ def test_matches_scan_forward_and_gradients(steps, batch, hidden, lengths, bias)
                         [g for g in want_grads if g is not None], 1e-5)
 
 
+def _projected(steps, batch, hidden, proj, seed=1, lengths=False):
+    xw, w_hh, h0, c0, mask, b = _problem(steps, batch, hidden, seed=seed, lengths=lengths)
+    k = jax.random.split(jax.random.key(seed + 100), 3)
+    w_hh = jax.random.normal(k[0], (proj, 4 * hidden)) / np.sqrt(proj)
+    w_hr = jax.random.normal(k[1], (hidden, proj)) / np.sqrt(hidden)
+    h0 = 0.5 * jax.random.normal(k[2], (batch, proj))
+    return xw, w_hh, w_hr, h0, c0, mask, b
+
+
+@pytest.mark.parametrize(
+    "steps,batch,hidden,proj,lengths",
+    [
+        (6, 3, 5, 3, False),      # tails everywhere, one thread
+        (9, 5, 24, 16, True),     # row blocks, masks
+        (70, 1, 128, 64, False),  # a team: r and dh + dy exchanged at every step too
+        (66, 2, 136, 40, True),   # a team with unequal parts of H (72, 64) and of P (40, 0)
+    ],
+    ids=["tails", "rows-mask", "team", "team-uneven-mask"],
+)
+def test_projection_matches_scan_forward_and_gradients(steps, batch, hidden, proj, lengths):
+    # proj_size (Sak et al. 2014): h_t = (o * tanh(c_t)) @ w_hr is what is fed back.
+    xw, w_hh, w_hr, h0, c0, mask, b = _projected(steps, batch, hidden, proj, lengths=lengths)
+
+    def loss(loop, xw, w_hh, w_hr, h0, c0, b):
+        ys, (h, c) = loop(xw, w_hh, w_hr, h0, c0, mask, b)
+        weights = jnp.sin(jnp.arange(ys.size, dtype=jnp.float32)).reshape(ys.shape)
+        return jnp.sum(ys * weights) + jnp.sum(h * h) + 0.7 * jnp.sum(jnp.cos(c)), (ys, h, c)
+
+    kernel = lambda *a: cpu_recurrence(*a, helper_wait_us=200_000)
+    grads = lambda loop: jax.jit(jax.value_and_grad(
+        lambda *a: loss(loop, *a), argnums=(0, 1, 2, 3, 4, 5), has_aux=True))(
+        xw, w_hh, w_hr, h0, c0, b)
+    (_, got_out), got_grads = grads(kernel)
+    (_, want_out), want_grads = grads(_scan)
+    assert got_out[0].shape == (steps, batch, proj) and got_out[1].shape == (batch, proj)
+    _assert_close_trees(got_out, want_out, 2e-6)
+    _assert_close_trees(got_grads, want_grads, 1e-5)
+
+
+def test_lstm_projection_matches_torch():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(2)
+    module = torch.nn.LSTM(5, 12, num_layers=2, proj_size=4, bidirectional=True,
+                           batch_first=True)
+    x = np.random.default_rng(2).standard_normal((3, 9, 5)).astype(np.float32)
+    y_t, (h_t, c_t) = module(torch.tensor(x))
+    y, state = lstm_jax.lstm(lstm_jax.from_torch(module.state_dict()), x, backend="cpu")
+    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.h, h_t.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.c, c_t.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_masked_steps_carry_the_state_and_output_zero():
     xw, w_hh, h0, c0, _, b = _problem(5, 2, 8)
     mask = jnp.array([[True, False]] * 2 + [[False, False]] * 3)  # row 0 stops after 2 steps
@@ -163,14 +215,16 @@ def test_rejects_what_it_cannot_run():
         cpu_recurrence(xw, w_hh, None, h0, c0, jnp.ones((3, 2)))
     with pytest.raises(ValueError, match=r"b has shape \(8,\), expected \(32,\)"):
         cpu_recurrence(xw, w_hh, None, h0, c0, None, jnp.ones((8,)))
-    with pytest.raises(NotImplementedError, match="projection"):
-        cpu_recurrence(xw, w_hh, jnp.ones((8, 4)), h0, c0, None)
+    with pytest.raises(ValueError, match=r"w_hh has shape \(8, 32\), expected \(4, 32\)"):
+        cpu_recurrence(xw, w_hh, jnp.ones((8, 4)), h0, c0, None)  # w_hh must be (P, 4H)
+    with pytest.raises(ValueError, match=r"w_hr has shape \(4, 4\), expected \(8, P\)"):
+        cpu_recurrence(xw, w_hh[:4], jnp.ones((4, 4)), h0[:, :4], c0, None)
     with pytest.raises(ValueError, match="float32 only"):
         cpu_recurrence(xw, w_hh.astype(jnp.bfloat16), None, h0, c0, None)
     with pytest.raises(ValueError, match=r"expected \(8, 32\)"):
         cpu_recurrence(xw, w_hh[:4], None, h0, c0, None)
-    params = lstm_jax.init_lstm(jax.random.key(0), 3, 8, proj_size=4)
-    with pytest.raises(ValueError, match='backend="cpu" cannot run this call: .*projection'):
+    params = lstm_jax.init_lstm(jax.random.key(0), 3, 8, cifg=True)
+    with pytest.raises(ValueError, match='backend="cpu" cannot run this call: .*variants'):
         lstm_jax.lstm(params, jnp.ones((2, 5, 3)), backend="cpu")
 
 
@@ -178,7 +232,6 @@ def test_rejects_what_it_cannot_run():
     "kwargs,match",
     [
         (dict(platform="gpu"), "only on CPU"),
-        (dict(platform="cpu", proj=4), "projection"),
         (dict(platform="cpu", has_variants=True), "variants"),
         (dict(platform="cpu", remat=True), "remat"),
         (dict(platform="cpu", dtype=jnp.bfloat16), "float32 only"),
@@ -198,7 +251,8 @@ def test_auto_on_cpu_follows_the_measurements():
     assert pick(batch=2, hidden=100) == "scan"  # above the largest batch where it won
     assert pick(batch=32, hidden=256) == "scan"
     assert pick(batch=1, hidden=256) == "scan"  # above the largest H where the kernel won
-    for kw in (dict(proj=8), dict(has_variants=True), dict(remat=True),
+    assert pick(batch=1, hidden=128, proj=8) == "cpu"
+    for kw in (dict(has_variants=True), dict(remat=True),
                dict(dtype=jnp.bfloat16), dict(custom_grad=False)):
         assert pick(batch=1, hidden=128, **kw) == "scan"
     assert choose_backend("auto", platform="cpu", table={}, batch=1, hidden=128) == "scan"
@@ -291,14 +345,18 @@ def test_the_kernel_checks_every_buffer_shape():
     f32 = jnp.float32
     results = [jax.ShapeDtypeStruct(s, f32) for s in ((5, 4, 8), (4, 8), (4, 8))]
     call = jax.ffi.ffi_call("lstm_jax_cpu_infer_forward", results)
-    args = [jnp.zeros((5, 4, 32)), jnp.zeros(32), jnp.zeros((8, 32)), jnp.zeros((1, 8)),
-            jnp.zeros((4, 8)), jnp.ones((1, 1), bool)]
+    # xw, bias, w_hh, w_hr (a placeholder without a projection), h0, c0, mask
+    args = [jnp.zeros((5, 4, 32)), jnp.zeros(32), jnp.zeros((8, 32)), jnp.zeros((1, 1)),
+            jnp.zeros((1, 8)), jnp.zeros((4, 8)), jnp.ones((1, 1), bool)]
+    flags = dict(threads=1, grace_us=0, has_mask=False, has_proj=False)
     with pytest.raises(Exception, match=r"h0 has shape \(1, 8\), expected \(4, 8\)"):
-        jax.block_until_ready(call(*args, threads=1, grace_us=0, has_mask=False))
-    args[3] = jnp.zeros((4, 8))
+        jax.block_until_ready(call(*args, **flags))
+    args[4] = jnp.zeros((4, 8))
     with pytest.raises(Exception, match=r"mask has shape \(1, 1\), expected \(5, 4\)"):
-        jax.block_until_ready(call(*args, threads=1, grace_us=0, has_mask=True))
-    ys, h, c = call(*args, threads=1, grace_us=0, has_mask=False)
+        jax.block_until_ready(call(*args, **(flags | dict(has_mask=True))))
+    with pytest.raises(Exception, match=r"w_hr has shape \(1, 1\), expected \(8, 8\)"):
+        jax.block_until_ready(call(*args, **(flags | dict(has_proj=True))))
+    ys, h, c = call(*args, **flags)
     assert ys.shape == (5, 4, 8) and np.all(np.asarray(ys) == 0)  # zero weights, zero state
 
 

@@ -6,9 +6,10 @@
 // h @ W_hh plus the fused gate math, with no dispatch between steps.
 //
 // Contract (the same as lstm_jax._recurrence.recurrence, gate order i, f, g, o):
-//   z_t     = xw_t + b + h_{t-1} @ W_hh                   (B, 4H)
+//   z_t     = xw_t + b + h_{t-1} @ W_hh                   (B, 4H); W_hh is (P, 4H)
 //   i, f, o = sigmoid(z_i), sigmoid(z_f), sigmoid(z_o);  g = tanh(z_g)
-//   c_t     = f * c_{t-1} + i * g;   h_t = o * tanh(c_t)
+//   c_t     = f * c_{t-1} + i * g;   r_t = o * tanh(c_t)
+//   h_t     = r_t, or r_t @ W_hr (H, P) with a projection (proj_size; P = H without one)
 // Where mask[t, b] is false the state is carried unchanged and y_t is zero. The forward
 // pass saves the activated gates (over xw, in place, when XLA aliases the two) and c_{t-1};
 // the backward pass walks time in reverse carrying (dh, dc) and emits dz_t, from which the
@@ -183,15 +184,17 @@ inline void activate(float* __restrict x, int64_t n, float k) {
 // runs one element at a time behind run-time overlap checks.
 inline void cell_update_row(const float* __restrict gi, const float* __restrict gf,
                             const float* __restrict gg, const float* __restrict go,
-                            float* __restrict c, float* __restrict h, float* __restrict y,
-                            int64_t n) {
+                            float* __restrict c, float* __restrict h, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const float cn = gf[j] * c[j] + gi[j] * gg[j];
-    const float hn = go[j] * tanh_approx(cn);
     c[j] = cn;
-    h[j] = hn;
-    y[j] = hn;
+    h[j] = go[j] * tanh_approx(cn);
   }
+}
+
+// memcpy of n floats that is defined for n = 0 (an empty part's null vector data).
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  if (n > 0) std::memcpy(dst, src, n * sizeof(float));
 }
 
 // The backward of cell_update_row for one row: from dh (this step's total is dh + dy) and
@@ -216,8 +219,11 @@ inline void cell_update_grad_row(const float* __restrict gi, const float* __rest
   }
 }
 
+// `out` is the size of the state h fed back and emitted: the projection size P with a
+// projection (h_t = r_t @ W_hr, Sak et al. 2014), else H.
 struct Dims {
-  int64_t problems, steps, batch, hidden;
+  int64_t problems = 1, steps = 0, batch = 0, hidden = 0, out = 0;
+  bool projection = false;
 };
 
 // A spinning barrier for the threads of one team: one wait per time step, so sleeping in
@@ -252,6 +258,7 @@ class StepBarrier {
 // (backward) once per step.
 struct Part {
   int64_t u0, u1;
+  int64_t member = 0, team = 1;  // which member of how large a team
   int64_t width() const { return u1 - u0; }
 };
 
@@ -280,28 +287,43 @@ inline void scatter_gates(const float* packed, int64_t H, const Part& part, floa
 }
 
 struct ForwardArgs {
-  const float *xw, *bias, *w, *h0, *c0;
+  const float *xw, *bias, *w, *w_hr, *h0, *c0;  // w: (P, 4H); w_hr: (H, P) or null
   const bool* mask;
   float *ys, *h_out, *c_out, *acts, *c_prev;
-  float* h_shared;  // (2, B, H): h_{t-1} and h_t, alternating, read by the whole team
+  float* h_shared;  // (2, B, P): h_{t-1} and h_t, alternating, read by the whole team
+  float* r_shared;  // (B, H): o * tanh(c_t) of all units, with a projection
 };
 
-// One team member's share of one problem's forward pass, all steps.
+// A member's share of the projection's outputs: state columns [p0, p1) of P.
+inline Part out_part(const Dims& d, const Part& part);
+
+// One team member's share of one problem's forward pass, all steps. With a projection the
+// member also owns a slice of the P state columns: after the team has exchanged r_t (one
+// barrier more per step) it forms h_t[:, slice] = r_t @ W_hr[:, slice].
 void forward_part(const Dims& d, const ForwardArgs& a, const Part& part, StepBarrier& barrier) {
-  const int64_t H = d.hidden, G = 4 * H, B = d.batch, n = part.width(), g = 4 * n;
-  std::vector<float> own(H * g), bias(g), c(B * n), z(B * g), h_own(B * H);
-  for (int64_t k = 0; k < H; ++k) gather_gates(a.w + k * G, H, part, own.data() + k * g);
-  const std::vector<float> w = pack_panels(own.data(), g, g, H);
+  const int64_t H = d.hidden, G = 4 * H, B = d.batch, P = d.out, n = part.width(), g = 4 * n;
+  const Part op = out_part(d, part);
+  const int64_t np = op.width();
+  const bool proj = d.projection;
+  std::vector<float> own(P * g), bias(g), c(B * n), z(B * g), h_own(B * P);
+  for (int64_t k = 0; k < P; ++k) gather_gates(a.w + k * G, H, part, own.data() + k * g);
+  const std::vector<float> w = pack_panels(own.data(), g, g, P);
+  std::vector<float> w_hr, r_own, h_proj;
+  if (proj) {
+    w_hr = pack_panels(a.w_hr + op.u0, P, np, H);
+    r_own.resize(B * H);
+    h_proj.resize(B * np);
+  }
   gather_gates(a.bias, H, part, bias.data());
   for (int64_t b = 0; b < B; ++b) {
-    std::memcpy(c.data() + b * n, a.c0 + b * H + part.u0, n * sizeof(float));
-    std::memcpy(a.h_shared + b * H + part.u0, a.h0 + b * H + part.u0, n * sizeof(float));
+    copy_floats(c.data() + b * n, a.c0 + b * H + part.u0, n);
+    copy_floats(a.h_shared + b * P + op.u0, a.h0 + b * P + op.u0, np);
   }
   int64_t phase = 0;
   if (!barrier.wait(phase)) return;  // h_0 complete before any member's first product
   for (int64_t t = 0; t < d.steps; ++t) {
-    const float* h = a.h_shared + (t % 2) * B * H;
-    float* h_next = a.h_shared + ((t + 1) % 2) * B * H;
+    const float* h = a.h_shared + (t % 2) * B * P;
+    float* h_next = a.h_shared + ((t + 1) % 2) * B * P;
     for (int64_t b = 0; b < B; ++b) {
       float* zr = z.data() + b * g;
       gather_gates(a.xw + (t * B + b) * G, H, part, zr);
@@ -311,10 +333,11 @@ void forward_part(const Dims& d, const ForwardArgs& a, const Part& part, StepBar
     // The product reads h_{t-1} from a private copy: read in place, half of it written by
     // the other core just before, the product ran at 55 GFLOP/s instead of ~100 (kernel
     // timers at 32,100,128,256: 400 -> 255 k cycles per step, copy included).
-    std::memcpy(h_own.data(), h, B * H * sizeof(float));
-    product(h_own.data(), H, w.data(), g, H, z.data(), g, B);
+    copy_floats(h_own.data(), h, B * P);
+    product(h_own.data(), P, w.data(), g, P, z.data(), g, B);
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = t * B + b;
+      const bool valid = a.mask == nullptr || a.mask[row];
       float* zr = z.data() + b * g;
       // sigmoid(x) = 0.5 tanh(x / 2) + 0.5: the same rational tanh for all four gates.
       activate(zr, 2 * n, 0.5f);          // i, f
@@ -322,53 +345,111 @@ void forward_part(const Dims& d, const ForwardArgs& a, const Part& part, StepBar
       activate(zr + 3 * n, n, 0.5f);      // o
       const float *gi = zr, *gf = zr + n, *gg = zr + 2 * n, *go = zr + 3 * n;
       float* cr = c.data() + b * n;
-      float* hn = h_next + b * H + part.u0;
-      float* yr = a.ys + row * H + part.u0;
-      if (a.c_prev != nullptr) std::memcpy(a.c_prev + row * H + part.u0, cr, n * sizeof(float));
-      if (a.mask == nullptr || a.mask[row]) {
-        cell_update_row(gi, gf, gg, go, cr, hn, yr, n);
+      if (a.c_prev != nullptr) copy_floats(a.c_prev + row * H + part.u0, cr, n);
+      if (proj) {
+        // r_t of the member's units for the whole team; masked rows keep their state, and
+        // their r is never used.
+        if (valid) cell_update_row(gi, gf, gg, go, cr, a.r_shared + b * H + part.u0, n);
+      } else if (valid) {
+        float* hn = h_next + b * P + part.u0;
+        cell_update_row(gi, gf, gg, go, cr, hn, n);
+        copy_floats(a.ys + row * P + part.u0, hn, n);
       } else {  // past the sequence's end: carry the state, output zero
-        std::memcpy(hn, h + b * H + part.u0, n * sizeof(float));
-        std::fill(yr, yr + n, 0.0f);
+        copy_floats(h_next + b * P + part.u0, h + b * P + part.u0, n);
+        std::fill(a.ys + row * P + part.u0, a.ys + row * P + part.u1, 0.0f);
       }
       if (a.acts != nullptr) scatter_gates(zr, H, part, a.acts + row * G);
     }
+    if (proj) {
+      if (!barrier.wait(phase)) return;  // r_t complete
+      copy_floats(r_own.data(), a.r_shared, B * H);
+      std::fill(h_proj.begin(), h_proj.end(), 0.0f);
+      product(r_own.data(), H, w_hr.data(), np, H, h_proj.data(), np, B);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t row = t * B + b;
+        float* hn = h_next + b * P + op.u0;
+        float* yr = a.ys + row * P + op.u0;
+        if (a.mask == nullptr || a.mask[row]) {
+          copy_floats(hn, h_proj.data() + b * np, np);
+          copy_floats(yr, hn, np);
+        } else {
+          copy_floats(hn, h + b * P + op.u0, np);
+          std::fill(yr, yr + np, 0.0f);
+        }
+      }
+    }
     if (!barrier.wait(phase)) return;
   }
-  const float* h_last = a.h_shared + (d.steps % 2) * B * H;
+  const float* h_last = a.h_shared + (d.steps % 2) * B * P;
   for (int64_t b = 0; b < B; ++b) {
-    std::memcpy(a.h_out + b * H + part.u0, h_last + b * H + part.u0, n * sizeof(float));
-    std::memcpy(a.c_out + b * H + part.u0, c.data() + b * n, n * sizeof(float));
+    copy_floats(a.h_out + b * P + op.u0, h_last + b * P + op.u0, np);
+    copy_floats(a.c_out + b * H + part.u0, c.data() + b * n, n);
   }
 }
 
 struct BackwardArgs {
-  const float *w, *acts, *c_prev, *dys, *dh_in, *dc_in;
+  const float *w, *w_hr, *acts, *c_prev, *dys, *dh_in, *dc_in;
   const bool* mask;
   float *dz, *dh_out, *dc_out;
+  float* dh_total;    // (T, B, P): dh_t + dy_t at valid steps, for dW_hr (with a projection)
+  float* dht_shared;  // (B, P): this step's dh_t + dy_t, exchanged (with a projection)
 };
 
 // One team member's share of one problem's backward pass, all steps in reverse. The member
-// forms dz for its units' gate columns, then (after the team's barrier) dh_{t-1} of its
-// units from the whole dz_t row: dh_{t-1}[u] = sum_j dz_t[j] W_hh[u, j].
+// forms dz for its units' gate columns, then (after the team's barrier) its slice of
+// dh_{t-1} from the whole dz_t row: dh_{t-1}[p] = sum_j dz_t[j] W_hh[p, j]. With a
+// projection, dr = (dh_t + dy_t) @ W_hr^T needs the whole state gradient first: one
+// exchange (and barrier) more per step.
 void backward_part(const Dims& d, const BackwardArgs& a, const Part& part,
                    StepBarrier& barrier) {
-  const int64_t H = d.hidden, G = 4 * H, B = d.batch, n = part.width();
-  // W_hh^T restricted to this member's units: (4H, n), so the product has the forward's form.
-  std::vector<float> own_t(G * n), dh(B * n), dc(B * n), dh_next(B * n), dz_own(B * G);
-  for (int64_t u = 0; u < n; ++u)
-    for (int64_t j = 0; j < G; ++j) own_t[j * n + u] = a.w[(part.u0 + u) * G + j];
-  const std::vector<float> w_t = pack_panels(own_t.data(), n, n, G);
+  const int64_t H = d.hidden, G = 4 * H, B = d.batch, P = d.out, n = part.width();
+  const Part op = out_part(d, part);
+  const int64_t np = op.width();
+  const bool proj = d.projection;
+  // W_hh^T restricted to this member's state columns: (4H, np), so the product has the
+  // forward's form.
+  std::vector<float> own_t(G * np), dh(B * np), dc(B * n), dh_next(B * np), dz_own(B * G);
+  for (int64_t u = 0; u < np; ++u)
+    for (int64_t j = 0; j < G; ++j) own_t[j * np + u] = a.w[(op.u0 + u) * G + j];
+  const std::vector<float> w_t = pack_panels(own_t.data(), np, np, G);
+  std::vector<float> hr_t, dht_own, dr, zeros;
+  if (proj) {  // W_hr^T restricted to this member's units: (P, n)
+    std::vector<float> t_hr(P * n);
+    for (int64_t u = 0; u < n; ++u)
+      for (int64_t k = 0; k < P; ++k) t_hr[k * n + u] = a.w_hr[(part.u0 + u) * P + k];
+    hr_t = pack_panels(t_hr.data(), n, n, P);
+    dht_own.resize(B * P);
+    dr.resize(B * n);
+    zeros.assign(n, 0.0f);
+  }
   for (int64_t b = 0; b < B; ++b) {
-    std::memcpy(dh.data() + b * n, a.dh_in + b * H + part.u0, n * sizeof(float));
-    std::memcpy(dc.data() + b * n, a.dc_in + b * H + part.u0, n * sizeof(float));
+    copy_floats(dh.data() + b * np, a.dh_in + b * P + op.u0, np);
+    copy_floats(dc.data() + b * n, a.dc_in + b * H + part.u0, n);
   }
   int64_t phase = 0;
   for (int64_t t = d.steps - 1; t >= 0; --t) {
     if (t > 0) {  // the previous step's residuals, while this step runs
       prefetch_rows(a.acts, (t - 1) * B, B, G, H, part, true);
       prefetch_rows(a.c_prev, (t - 1) * B, B, H, 0, part, false);
-      prefetch_rows(a.dys, (t - 1) * B, B, H, 0, part, false);
+      prefetch_rows(a.dys, (t - 1) * B, B, P, 0, op, false);
+    }
+    if (proj) {
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t row = t * B + b;
+        float* shared = a.dht_shared + b * P + op.u0;
+        const float* dy = a.dys + row * P + op.u0;
+        const float* dhr = dh.data() + b * np;
+        for (int64_t j = 0; j < np; ++j) shared[j] = dhr[j] + dy[j];
+        float* total = a.dh_total + row * P + op.u0;
+        if (a.mask == nullptr || a.mask[row])
+          copy_floats(total, shared, np);
+        else
+          std::fill(total, total + np, 0.0f);
+      }
+      if (!barrier.wait(phase)) return;  // dh_t + dy_t complete
+      copy_floats(dht_own.data(), a.dht_shared, B * P);
+      std::fill(dr.begin(), dr.end(), 0.0f);
+      product(dht_own.data(), P, hr_t.data(), n, P, dr.data(), n, B);
     }
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = t * B + b;
@@ -380,24 +461,27 @@ void backward_part(const Dims& d, const BackwardArgs& a, const Part& part,
       const float* act = a.acts + row * G + part.u0;
       const float *gi = act, *gf = act + H, *gg = act + 2 * H, *go = act + 3 * H;
       const float* cp = a.c_prev + row * H + part.u0;
-      const float* dy = a.dys + row * H + part.u0;
-      float* dhr = dh.data() + b * n;
+      // Without a projection dr = dh_t + dy_t of the member's own units (its state slice
+      // is its units); with one, dr came from the product above.
+      const float* dr_a = proj ? dr.data() + b * n : dh.data() + b * np;
+      const float* dr_b = proj ? zeros.data() : a.dys + row * P + part.u0;
       float* dcr = dc.data() + b * n;
-      float* d = out + part.u0;
-      cell_update_grad_row(gi, gf, gg, go, cp, dy, dhr, dcr, d, d + H, d + 2 * H, d + 3 * H, n);
+      float* dzr = out + part.u0;
+      cell_update_grad_row(gi, gf, gg, go, cp, dr_b, dr_a, dcr, dzr, dzr + H, dzr + 2 * H,
+                           dzr + 3 * H, n);
     }
     if (!barrier.wait(phase)) return;  // dz_t complete: every member reads the whole row
     std::fill(dh_next.begin(), dh_next.end(), 0.0f);
     // From a private copy of dz_t, as the forward reads h (written partly by other cores).
-    std::memcpy(dz_own.data(), a.dz + t * B * G, B * G * sizeof(float));
-    product(dz_own.data(), G, w_t.data(), n, G, dh_next.data(), n, B);
+    copy_floats(dz_own.data(), a.dz + t * B * G, B * G);
+    product(dz_own.data(), G, w_t.data(), np, G, dh_next.data(), np, B);
     for (int64_t b = 0; b < B; ++b)
       if (a.mask == nullptr || a.mask[t * B + b])
-        std::memcpy(dh.data() + b * n, dh_next.data() + b * n, n * sizeof(float));
+        copy_floats(dh.data() + b * np, dh_next.data() + b * np, np);
   }
   for (int64_t b = 0; b < B; ++b) {
-    std::memcpy(a.dh_out + b * H + part.u0, dh.data() + b * n, n * sizeof(float));
-    std::memcpy(a.dc_out + b * H + part.u0, dc.data() + b * n, n * sizeof(float));
+    copy_floats(a.dh_out + b * P + op.u0, dh.data() + b * np, np);
+    copy_floats(a.dc_out + b * H + part.u0, dc.data() + b * n, n);
   }
 }
 
@@ -414,7 +498,13 @@ inline int64_t member_chunk(int64_t hidden, int64_t team) {
 inline Part member_part(int64_t hidden, int64_t team, int64_t member) {
   const int64_t chunk = member_chunk(hidden, team);
   const int64_t u0 = std::min(hidden, member * chunk);
-  return {u0, std::min(hidden, u0 + chunk)};
+  return {u0, std::min(hidden, u0 + chunk), member, team};
+}
+
+// Without a projection the state columns are the units themselves; with one, the P
+// columns are split between the members the same way (a member may get none).
+inline Part out_part(const Dims& d, const Part& part) {
+  return d.projection ? member_part(d.out, part.team, part.member) : part;
 }
 
 // The largest team size <= n whose members all get units (rounding the parts up to
@@ -468,7 +558,8 @@ bool run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, int64_t gr
   auto crew = std::make_shared<Crew>();
   crew->work = work;
   StepBarrier solo(1);
-  const double macs = static_cast<double>(d.steps) * d.batch * d.hidden * 4 * d.hidden;
+  const double macs = static_cast<double>(d.steps) * d.batch * d.hidden *
+                     (4.0 * d.out + (d.projection ? d.out : 0));
   if (d.problems > 1 && threads > 1) {
     // Whoever takes a problem is running and finishes it, so the caller waits only for
     // problems taken, never for a helper that has not started.
@@ -532,16 +623,21 @@ bool run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, int64_t gr
 // a mis-shaped buffer would otherwise be read or written out of bounds.
 class ShapeCheck {
  public:
-  ShapeCheck(const char* call, ffi::AnyBuffer::Dimensions xw) : call_(call) {
+  // Sizes from xw (..., T, B, 4H) and w_hh (..., P, 4H); P = H without a projection.
+  ShapeCheck(const char* call, ffi::AnyBuffer::Dimensions xw, ffi::AnyBuffer::Dimensions w_hh,
+             bool projection)
+      : call_(call) {
     const size_t n = xw.size();
-    if (n < 3 || xw[n - 1] % 4 != 0) {
-      error_ = "xw must be (..., T, B, 4H)";
+    if (n < 3 || xw[n - 1] % 4 != 0 || w_hh.size() != n - 1) {
+      error_ = "xw must be (..., T, B, 4H) and w_hh (..., P, 4H)";
       return;
     }
     lead_.assign(xw.begin(), xw.end() - 3);
     d.steps = xw[n - 3];
     d.batch = xw[n - 2];
     d.hidden = xw[n - 1] / 4;
+    d.out = projection ? w_hh[n - 3] : d.hidden;
+    d.projection = projection;
     d.problems = 1;
     for (int64_t v : lead_) d.problems *= v;
   }
@@ -581,91 +677,106 @@ ffi::Error failed(const char* call) {
 }
 
 ffi::Error Forward(ffi::ThreadPool& pool, int64_t threads, int64_t grace_us, bool has_mask,
-                   ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
-                   ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0,
-                   ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
-                   ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_n,
-                   ffi::ResultBuffer<ffi::F32> c_n, float* acts, float* c_prev) {
-  ShapeCheck check("forward", xw.dimensions());
+                   bool has_proj, ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
+                   ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> w_hr,
+                   ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                   ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> ys,
+                   ffi::ResultBuffer<ffi::F32> h_n, ffi::ResultBuffer<ffi::F32> c_n,
+                   float* acts, float* c_prev) {
+  ShapeCheck check("forward", xw.dimensions(), w_hh.dimensions(), has_proj);
   const Dims& d = check.d;
-  const int64_t H = d.hidden, G = 4 * H, B = d.batch, T = d.steps, TB = T * B;
+  const int64_t H = d.hidden, G = 4 * H, B = d.batch, T = d.steps, P = d.out, TB = T * B;
   check.expect("bias", bias.dimensions(), {G});
-  check.expect("w_hh", w_hh.dimensions(), {H, G});
-  check.expect("h0", h0.dimensions(), {B, H});
+  check.expect("w_hh", w_hh.dimensions(), {P, G});
+  if (has_proj) check.expect("w_hr", w_hr.dimensions(), {H, P});
+  check.expect("h0", h0.dimensions(), {B, P});
   check.expect("c0", c0.dimensions(), {B, H});
   if (has_mask) check.expect("mask", mask.dimensions(), {T, B});
-  check.expect("ys", ys->dimensions(), {T, B, H});
-  check.expect("h_n", h_n->dimensions(), {B, H});
+  check.expect("ys", ys->dimensions(), {T, B, P});
+  check.expect("h_n", h_n->dimensions(), {B, P});
   check.expect("c_n", c_n->dimensions(), {B, H});
   if (auto err = check.result(); !err.success()) return err;
   const bool* m = has_mask ? mask.typed_data() : nullptr;
-  std::vector<float> h_shared(d.problems * 2 * B * H);
+  std::vector<float> h_shared(d.problems * 2 * B * P), r_shared(has_proj ? d.problems * B * H : 0);
   const bool ok = run_teams(d, threads, pool, grace_us, [&](int64_t p, const Part& part,
                                                             StepBarrier& barrier) {
     ForwardArgs a{xw.typed_data() + p * TB * G, bias.typed_data() + p * G,
-                  w_hh.typed_data() + p * H * G, h0.typed_data() + p * B * H,
-                  c0.typed_data() + p * B * H, m == nullptr ? nullptr : m + p * TB,
-                  ys->typed_data() + p * TB * H, h_n->typed_data() + p * B * H,
-                  c_n->typed_data() + p * B * H, acts == nullptr ? nullptr : acts + p * TB * G,
+                  w_hh.typed_data() + p * P * G,
+                  has_proj ? w_hr.typed_data() + p * H * P : nullptr,
+                  h0.typed_data() + p * B * P, c0.typed_data() + p * B * H,
+                  m == nullptr ? nullptr : m + p * TB, ys->typed_data() + p * TB * P,
+                  h_n->typed_data() + p * B * P, c_n->typed_data() + p * B * H,
+                  acts == nullptr ? nullptr : acts + p * TB * G,
                   c_prev == nullptr ? nullptr : c_prev + p * TB * H,
-                  h_shared.data() + p * 2 * B * H};
+                  h_shared.data() + p * 2 * B * P,
+                  has_proj ? r_shared.data() + p * B * H : nullptr};
     forward_part(d, a, part, barrier);
   });
   return ok ? ffi::Error::Success() : failed("forward");
 }
 
 ffi::Error TrainForwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
-                            bool has_mask, ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
-                            ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0,
+                            bool has_mask, bool has_proj, ffi::Buffer<ffi::F32> xw,
+                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_hh,
+                            ffi::Buffer<ffi::F32> w_hr, ffi::Buffer<ffi::F32> h0,
                             ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
                             ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_n,
                             ffi::ResultBuffer<ffi::F32> c_n, ffi::ResultBuffer<ffi::F32> acts,
                             ffi::ResultBuffer<ffi::F32> c_prev) {
-  ShapeCheck check("forward", xw.dimensions());
+  ShapeCheck check("forward", xw.dimensions(), w_hh.dimensions(), has_proj);
   check.expect("acts", acts->dimensions(), {check.d.steps, check.d.batch, 4 * check.d.hidden});
   check.expect("c_prev", c_prev->dimensions(), {check.d.steps, check.d.batch, check.d.hidden});
   if (auto err = check.result(); !err.success()) return err;
-  return Forward(pool, threads, grace_us, has_mask, xw, bias, w_hh, h0, c0, mask, ys, h_n, c_n,
-                 acts->typed_data(), c_prev->typed_data());
+  return Forward(pool, threads, grace_us, has_mask, has_proj, xw, bias, w_hh, w_hr, h0, c0, mask,
+                 ys, h_n, c_n, acts->typed_data(), c_prev->typed_data());
 }
 
 ffi::Error InferForwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
-                            bool has_mask, ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
-                            ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0,
+                            bool has_mask, bool has_proj, ffi::Buffer<ffi::F32> xw,
+                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_hh,
+                            ffi::Buffer<ffi::F32> w_hr, ffi::Buffer<ffi::F32> h0,
                             ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
                             ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_n,
                             ffi::ResultBuffer<ffi::F32> c_n) {
-  return Forward(pool, threads, grace_us, has_mask, xw, bias, w_hh, h0, c0, mask, ys, h_n, c_n,
-                 nullptr, nullptr);
+  return Forward(pool, threads, grace_us, has_mask, has_proj, xw, bias, w_hh, w_hr, h0, c0, mask,
+                 ys, h_n, c_n, nullptr, nullptr);
 }
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us, bool has_mask,
-                        ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> acts,
-                        ffi::Buffer<ffi::F32> c_prev, ffi::Buffer<ffi::F32> dys,
-                        ffi::Buffer<ffi::F32> dh_n, ffi::Buffer<ffi::F32> dc_n,
-                        ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> dz,
-                        ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0) {
-  ShapeCheck check("backward", acts.dimensions());
+                        bool has_proj, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> w_hr,
+                        ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> c_prev,
+                        ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dh_n,
+                        ffi::Buffer<ffi::F32> dc_n, ffi::Buffer<ffi::PRED> mask,
+                        ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dh0,
+                        ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dh_total) {
+  ShapeCheck check("backward", acts.dimensions(), w_hh.dimensions(), has_proj);
   const Dims& d = check.d;
-  const int64_t H = d.hidden, G = 4 * H, B = d.batch, T = d.steps, TB = T * B;
-  check.expect("w_hh", w_hh.dimensions(), {H, G});
+  const int64_t H = d.hidden, G = 4 * H, B = d.batch, T = d.steps, P = d.out, TB = T * B;
+  check.expect("w_hh", w_hh.dimensions(), {P, G});
+  if (has_proj) check.expect("w_hr", w_hr.dimensions(), {H, P});
   check.expect("c_prev", c_prev.dimensions(), {T, B, H});
-  check.expect("dys", dys.dimensions(), {T, B, H});
-  check.expect("dh_n", dh_n.dimensions(), {B, H});
+  check.expect("dys", dys.dimensions(), {T, B, P});
+  check.expect("dh_n", dh_n.dimensions(), {B, P});
   check.expect("dc_n", dc_n.dimensions(), {B, H});
   if (has_mask) check.expect("mask", mask.dimensions(), {T, B});
   check.expect("dz", dz->dimensions(), {T, B, G});
-  check.expect("dh0", dh0->dimensions(), {B, H});
+  check.expect("dh0", dh0->dimensions(), {B, P});
   check.expect("dc0", dc0->dimensions(), {B, H});
+  if (has_proj) check.expect("dh_total", dh_total->dimensions(), {T, B, P});
   if (auto err = check.result(); !err.success()) return err;
   const bool* m = has_mask ? mask.typed_data() : nullptr;
+  std::vector<float> dht_shared(has_proj ? d.problems * B * P : 0);
   const bool ok = run_teams(d, threads, pool, grace_us, [&](int64_t p, const Part& part,
                                                             StepBarrier& barrier) {
-    BackwardArgs a{w_hh.typed_data() + p * H * G, acts.typed_data() + p * TB * G,
-                   c_prev.typed_data() + p * TB * H, dys.typed_data() + p * TB * H,
-                   dh_n.typed_data() + p * B * H, dc_n.typed_data() + p * B * H,
-                   m == nullptr ? nullptr : m + p * TB, dz->typed_data() + p * TB * G,
-                   dh0->typed_data() + p * B * H, dc0->typed_data() + p * B * H};
+    BackwardArgs a{w_hh.typed_data() + p * P * G,
+                   has_proj ? w_hr.typed_data() + p * H * P : nullptr,
+                   acts.typed_data() + p * TB * G, c_prev.typed_data() + p * TB * H,
+                   dys.typed_data() + p * TB * P, dh_n.typed_data() + p * B * P,
+                   dc_n.typed_data() + p * B * H, m == nullptr ? nullptr : m + p * TB,
+                   dz->typed_data() + p * TB * G, dh0->typed_data() + p * B * P,
+                   dc0->typed_data() + p * B * H,
+                   has_proj ? dh_total->typed_data() + p * TB * P : nullptr,
+                   has_proj ? dht_shared.data() + p * B * P : nullptr};
     backward_part(d, a, part, barrier);
   });
   return ok ? ffi::Error::Success() : failed("backward");
@@ -679,17 +790,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxTrainForward, TrainForwardImpl,
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("grace_us")
                                   .Attr<bool>("has_mask")
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Attr<bool>("has_proj")
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // xw
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hr
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c0
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ys
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h_n
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // c_n
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // acts
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // c_prev
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxInferForward, InferForwardImpl,
                               ffi::Ffi::Bind()
@@ -697,15 +810,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxInferForward, InferForwardImpl,
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("grace_us")
                                   .Attr<bool>("has_mask")
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Attr<bool>("has_proj")
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // xw
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hr
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h0
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c0
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // ys
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h_n
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // c_n
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxBackward, BackwardImpl,
                               ffi::Ffi::Bind()
@@ -713,13 +828,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxBackward, BackwardImpl,
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("grace_us")
                                   .Attr<bool>("has_mask")
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Attr<bool>("has_proj")
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hr
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // acts
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c_prev
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dys
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dh_n
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dc_n
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dz
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dh0
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dc0
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dh_total

@@ -185,19 +185,20 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _call(name, results, *args, threads, has_mask, aliases=None):
+def _call(name, results, *args, config, has_mask, has_proj, aliases=None):
     reason = _load()
     if reason is not None:
         raise RuntimeError(f'backend="cpu" is unavailable: {reason}')
-    threads, grace_us = threads
+    threads, grace_us = config
     return jax.ffi.ffi_call(name, results, vmap_method="broadcast_all",
                             input_output_aliases=aliases)(
-        *args, threads=np.int64(threads), grace_us=np.int64(grace_us), has_mask=bool(has_mask))
+        *args, threads=np.int64(threads), grace_us=np.int64(grace_us), has_mask=bool(has_mask),
+        has_proj=bool(has_proj))
 
 
 def _mask_arg(mask):
     # The kernel ignores the buffer when has_mask is false; a (1, 1) placeholder keeps the
-    # call's signature fixed.
+    # call's signature fixed (likewise w_hr without a projection).
     return jnp.ones((1, 1), bool) if mask is None else mask
 
 
@@ -205,53 +206,65 @@ def _bias_arg(b, four_h):
     return jnp.zeros((four_h,), jnp.float32) if b is None else b
 
 
-def _forward(threads, xw, w_hh, h0, c0, mask, b, save):
+def _proj_arg(w_hr):
+    return jnp.zeros((1, 1), jnp.float32) if w_hr is None else w_hr
+
+
+def _flags(mask, w_hr):
+    return {"has_mask": mask is not None, "has_proj": w_hr is not None}
+
+
+def _forward(config, xw, w_hh, w_hr, h0, c0, mask, b, save):
     steps, batch, four_h = xw.shape
-    hidden = four_h // 4
+    hidden, out = four_h // 4, w_hh.shape[0]
     f32 = jnp.float32
-    results = [jax.ShapeDtypeStruct((steps, batch, hidden), f32),
-               jax.ShapeDtypeStruct((batch, hidden), f32),
+    results = [jax.ShapeDtypeStruct((steps, batch, out), f32),
+               jax.ShapeDtypeStruct((batch, out), f32),
                jax.ShapeDtypeStruct((batch, hidden), f32)]
-    args = (xw, _bias_arg(b, four_h), w_hh, h0, c0, _mask_arg(mask))
+    args = (xw, _bias_arg(b, four_h), w_hh, _proj_arg(w_hr), h0, c0, _mask_arg(mask))
     if not save:
-        return _call("lstm_jax_cpu_infer_forward", results, *args, threads=threads,
-                     has_mask=mask is not None)
+        return _call("lstm_jax_cpu_infer_forward", results, *args, config=config,
+                     **_flags(mask, w_hr))
     results += [jax.ShapeDtypeStruct(xw.shape, f32),
                 jax.ShapeDtypeStruct((steps, batch, hidden), f32)]
     # The gate activations are written over xw (each step reads its row before writing it).
-    return _call("lstm_jax_cpu_train_forward", results, *args, threads=threads,
-                 has_mask=mask is not None, aliases={0: 3})
+    return _call("lstm_jax_cpu_train_forward", results, *args, config=config,
+                 aliases={0: 3}, **_flags(mask, w_hr))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _cpu_recurrence(threads, xw, w_hh, h0, c0, mask, b):
-    ys, h, c = _forward(threads, xw, w_hh, h0, c0, mask, b, save=False)
+def _cpu_recurrence(config, xw, w_hh, w_hr, h0, c0, mask, b):
+    ys, h, c = _forward(config, xw, w_hh, w_hr, h0, c0, mask, b, save=False)
     return ys, (h, c)
 
 
-def _cpu_recurrence_fwd(threads, xw, w_hh, h0, c0, mask, b):
-    ys, h, c, acts, c_prev = _forward(threads, xw, w_hh, h0, c0, mask, b, save=True)
-    return (ys, (h, c)), (w_hh, h0, mask, b, ys, acts, c_prev)
+def _cpu_recurrence_fwd(config, xw, w_hh, w_hr, h0, c0, mask, b):
+    ys, h, c, acts, c_prev = _forward(config, xw, w_hh, w_hr, h0, c0, mask, b, save=True)
+    return (ys, (h, c)), (w_hh, w_hr, h0, mask, b, ys, acts, c_prev)
 
 
-def _cpu_recurrence_bwd(threads, residuals, cotangents):
-    from lstm_jax._cell import summed_outer
+def _cpu_recurrence_bwd(config, residuals, cotangents):
+    from lstm_jax._recurrence import _weight_grads
 
-    w_hh, h0, mask, b, ys, acts, c_prev = residuals
+    w_hh, w_hr, h0, mask, b, ys, acts, c_prev = residuals
     dys, (dh_n, dc_n) = cotangents
     f32 = jnp.float32
-    batch, hidden = c_prev.shape[1:]
+    steps, batch, hidden = c_prev.shape
+    out = w_hh.shape[0]
     results = [jax.ShapeDtypeStruct(acts.shape, f32),
+               jax.ShapeDtypeStruct((batch, out), f32),
                jax.ShapeDtypeStruct((batch, hidden), f32),
-               jax.ShapeDtypeStruct((batch, hidden), f32)]
-    dz, dh0, dc0 = _call("lstm_jax_cpu_backward", results, w_hh, acts, c_prev,
-                         dys.astype(f32), dh_n.astype(f32), dc_n.astype(f32), _mask_arg(mask),
-                         threads=threads, has_mask=mask is not None)
-    # h_{t-1} is y_{t-1} wherever dz is non-zero (masked steps have dz = 0).
-    h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
-    dw_hh = summed_outer(h_prev, dz, f32)
+               # dh_t + dy_t for dW_hr; a placeholder the kernel leaves alone without one
+               jax.ShapeDtypeStruct((steps, batch, out) if w_hr is not None else (1, 1, 1), f32)]
+    dz, dh0, dc0, dh_total = _call(
+        "lstm_jax_cpu_backward", results, w_hh, _proj_arg(w_hr), acts, c_prev,
+        dys.astype(f32), dh_n.astype(f32), dc_n.astype(f32), _mask_arg(mask), config=config,
+        **_flags(mask, w_hr))
+    # The scan's after-loop products: dW_hh over h_{t-1} (= y_{t-1} wherever dz is non-zero),
+    # dW_hr over r_t = o * tanh(c_t) recomputed from the activations.
+    dw_hh, dw_hr = _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, f32, None)
     db = None if b is None else jnp.sum(dz, axis=(0, 1))
-    return dz, dw_hh, dh0, dc0, None, db
+    return dz, dw_hh, dw_hr, dh0, dc0, None, db
 
 
 _cpu_recurrence.defvjp(_cpu_recurrence_fwd, _cpu_recurrence_bwd)
@@ -279,14 +292,15 @@ def cpu_recurrence(
         for t in range(T):                       # inside the kernel
             z = xw[t] + b + h @ w_hh             # gate order i, f, g, o
             i, f, o, g = sigmoid(z_i), sigmoid(z_f), sigmoid(z_o), tanh(z_g)
-            c, h = f * c + i * g, o * tanh(f * c + i * g)   # carried only where mask[t]
+            c = f * c + i * g                    # carried only where mask[t]
+            h = o * tanh(c)                      # times w_hr with a projection
             ys[t] = h if mask[t] else 0
 
     Args:
       xw: ``(T, B, 4H)`` float32 input pre-activations ``x @ w_ih``.
-      w_hh: ``(H, 4H)`` float32 recurrent weight.
-      w_hr: must be None: no projection (``proj_size``) support.
-      h0, c0: ``(B, H)`` float32 initial state.
+      w_hh: ``(P, 4H)`` float32 recurrent weight (P = H without a projection).
+      w_hr: ``(H, P)`` float32 projection (``proj_size``, Sak et al. 2014) or None.
+      h0: ``(B, P)`` and c0: ``(B, H)`` float32 initial state.
       mask: ``(T, B)`` bool or None; False steps keep the state and output zero. Each
         sequence's valid steps must come first (as ``lstm``'s ``seq_lengths`` make them):
         the weight gradient takes ``h_{t-1}`` from the previous step's output.
@@ -300,7 +314,7 @@ def cpu_recurrence(
         common loop signature.
 
     Returns:
-      ``(ys: (T, B, H), (h_T: (B, H), c_T: (B, H)))``.
+      ``(ys: (T, B, P), (h_T: (B, P), c_T: (B, H)))``.
 
     Example:
       >>> T, B, H = 5, 2, 8
@@ -311,25 +325,26 @@ def cpu_recurrence(
       (5, 2, 8)
     """
     del precision
-    if w_hr is not None:
-        raise NotImplementedError(
-            'the CPU kernel has no projection (proj_size) support; use backend="scan"')
     if xw.ndim != 3 or xw.shape[-1] % 4:
         raise ValueError(f"xw must have shape (T, B, 4H), got {xw.shape}")
     steps, batch, four_h = xw.shape
     hidden = four_h // 4
-    if w_hh.shape != (hidden, four_h):
-        raise ValueError(f"w_hh has shape {w_hh.shape}, expected {(hidden, four_h)}")
-    expected = {"h0": (batch, hidden), "c0": (batch, hidden), "mask": (steps, batch),
+    out = hidden if w_hr is None else w_hr.shape[-1]
+    if w_hr is not None and (w_hr.ndim != 2 or w_hr.shape[0] != hidden):
+        raise ValueError(f"w_hr has shape {w_hr.shape}, expected ({hidden}, P)")
+    if w_hh.shape != (out, four_h):
+        raise ValueError(f"w_hh has shape {w_hh.shape}, expected {(out, four_h)}")
+    expected = {"h0": (batch, out), "c0": (batch, hidden), "mask": (steps, batch),
                 "b": (four_h,)}
     for name, a in (("h0", h0), ("c0", c0), ("mask", mask), ("b", b)):
         if a is not None and a.shape != expected[name]:
             raise ValueError(f"{name} has shape {a.shape}, expected {expected[name]}")
-    for name, a in (("xw", xw), ("w_hh", w_hh), ("h0", h0), ("c0", c0), ("b", b)):
+    for name, a in (("xw", xw), ("w_hh", w_hh), ("w_hr", w_hr), ("h0", h0), ("c0", c0),
+                    ("b", b)):
         if a is not None and a.dtype != jnp.float32:
             raise ValueError(f"the CPU kernel runs float32 only; {name} has dtype {a.dtype}")
     if mask is not None and mask.dtype != jnp.bool_:
         raise ValueError(f"mask must be bool, got dtype {mask.dtype}")
     threads = default_threads() if threads is None else int(threads)
     wait = 0 if helper_wait_us is None else max(1, int(helper_wait_us))
-    return _cpu_recurrence((threads, wait), xw, w_hh, h0, c0, mask, b)
+    return _cpu_recurrence((threads, wait), xw, w_hh, w_hr, h0, c0, mask, b)

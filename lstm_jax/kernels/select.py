@@ -119,8 +119,6 @@ def cpu_unsupported_reason(*, platform: str, proj: int, dtype, has_variants: boo
     """
     if platform != "cpu":
         return f"the C++ LSTM kernel runs only on CPU (platform is {platform!r})"
-    if proj:
-        return "the C++ LSTM kernel has no projection (proj_size) support"
     if has_variants:
         return "the C++ LSTM kernel implements only the plain LSTM cell, not the variants"
     if remat:
