@@ -418,3 +418,21 @@ def test_the_kernel_can_be_switched_off(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["disabled by $LSTM_JAX_CPU_KERNEL=0", "scan"]
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "jax.checkpoint"])
+def test_vmapped_ensemble_of_bidirectional_stacks_matches_scan(checkpointed):
+    # vmap over an ensemble on top of the directions' own vmap: the kernel sees (3, 2)
+    # leading problem dimensions; under jax.checkpoint its forward runs again in the backward.
+    params = lstm_jax.init_lstm(jax.random.key(0), 4, 16, num_layers=2, bidirectional=True)
+    ensemble = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a, -a]), params)
+    x = jax.random.normal(jax.random.key(1), (2, 7, 4))
+    lengths = jnp.array([7, 3])
+
+    def grads(backend):
+        def one(p):
+            return jnp.sum(lstm_jax.lstm(p, x, seq_lengths=lengths, backend=backend)[0] ** 2)
+        one = jax.checkpoint(one) if checkpointed else one
+        return jax.jit(jax.grad(lambda e: jnp.sum(jax.vmap(one)(e))))(ensemble)
+
+    _assert_close_trees(grads("cpu"), grads("scan"), 1e-5)
