@@ -8,9 +8,10 @@ call instead: per step one register-blocked product ``h @ W_hh`` and the fused g
 nothing in between. It is the CPU counterpart of the persistent Pallas kernel.
 
 Same contract as :func:`lstm_jax._recurrence.recurrence` (gate order i, f, g, o; masked
-steps carry the state and output zero) and the same backward design: the kernel's backward
-walks time in reverse carrying ``(dh, dc)`` and emits ``dz_t``; ``dW_hh`` is one large XLA
-product after the loop and the gradient of ``xw`` is ``dz`` itself. Threads come from XLA's
+steps carry the state and output zero; ``proj_size`` projections included) and the same
+backward design: the kernel's backward walks time in reverse carrying ``(dh, dc)`` and emits
+``dz_t``; ``dW_hh`` (and ``dW_hr``) are large XLA products after the loop and the gradient
+of ``xw`` is ``dz`` itself. Threads come from XLA's
 own CPU pool: several problems (``vmap``, the two directions of a bidirectional layer) run
 one per thread with no synchronisation; a single sequence large enough is split by hidden
 units between two or more threads (each keeps its share of ``W_hh`` in its core's cache),
@@ -19,9 +20,9 @@ which exchange ``h`` (or ``dz``) once per step through a barrier.
 The kernel is compiled on first use with the host's C++ compiler (``$CXX``, else ``c++`` or
 ``g++`` from the PATH; ``-O3 -march=native``) against the FFI headers that jaxlib ships, and
 cached under ``$LSTM_JAX_CACHE_DIR`` (default ``$XDG_CACHE_HOME/lstm_jax``, i.e.
-``~/.cache/lstm_jax``), keyed by the source, the
-compiler, jaxlib and the CPU. Where no compiler works, :func:`unavailable_reason` says why
-and ``backend="auto"`` keeps the scan.
+``~/.cache/lstm_jax``), keyed by the source, the compiler, jaxlib and the CPU. Where no
+compiler works, or ``$LSTM_JAX_CPU_KERNEL=0``, :func:`unavailable_reason` says why and
+``backend="auto"`` keeps the scan.
 """
 
 from __future__ import annotations
