@@ -120,19 +120,6 @@ def test_projection_matches_scan_forward_and_gradients(steps, batch, hidden, pro
     _assert_close_trees(got_grads, want_grads, 1e-5)
 
 
-def test_lstm_projection_matches_torch():
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(2)
-    module = torch.nn.LSTM(5, 12, num_layers=2, proj_size=4, bidirectional=True,
-                           batch_first=True)
-    x = np.random.default_rng(2).standard_normal((3, 9, 5)).astype(np.float32)
-    y_t, (h_t, c_t) = module(torch.tensor(x))
-    y, state = lstm_jax.lstm(lstm_jax.from_torch(module.state_dict()), x, backend="cpu")
-    np.testing.assert_allclose(y, y_t.detach().numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(state.h, h_t.detach().numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(state.c, c_t.detach().numpy(), rtol=1e-5, atol=1e-6)
-
-
 def test_masked_steps_carry_the_state_and_output_zero():
     xw, w_hh, h0, c0, _, b = _problem(5, 2, 8)
     mask = jnp.array([[True, False]] * 2 + [[False, False]] * 3)  # row 0 stops after 2 steps
@@ -193,10 +180,15 @@ def test_lstm_cpu_backend_matches_scan_bidirectional_stack():
     _assert_close_trees(got_grads, want_grads, 1e-5)
 
 
-def test_lstm_cpu_backend_matches_torch():
+@pytest.mark.parametrize(
+    "config",
+    [dict(num_layers=2), dict(num_layers=2, proj_size=4, bidirectional=True)],
+    ids=["L2", "L2-bi-proj4"],
+)
+def test_lstm_cpu_backend_matches_torch(config):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    module = torch.nn.LSTM(5, 12, num_layers=2, batch_first=True)
+    module = torch.nn.LSTM(5, 12, batch_first=True, **config)
     x = np.random.default_rng(0).standard_normal((4, 11, 5)).astype(np.float32)
     y_t, (h_t, c_t) = module(torch.tensor(x))
     y, state = lstm_jax.lstm(lstm_jax.from_torch(module.state_dict()), x, backend="cpu")

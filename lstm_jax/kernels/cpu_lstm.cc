@@ -784,51 +784,44 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
 
 }  // namespace
 
+namespace {
+
+// What every call takes first: XLA's thread pool and the attributes.
+auto bind_common() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Attr<int64_t>("threads")
+      .Attr<int64_t>("grace_us")
+      .Attr<bool>("has_mask")
+      .Attr<bool>("has_proj");
+}
+
+// Both forward calls: their arguments and the three results they share.
+auto bind_forward() {
+  return bind_common()
+      .Arg<ffi::Buffer<ffi::F32>>()   // xw
+      .Arg<ffi::Buffer<ffi::F32>>()   // bias
+      .Arg<ffi::Buffer<ffi::F32>>()   // w_hh
+      .Arg<ffi::Buffer<ffi::F32>>()   // w_hr
+      .Arg<ffi::Buffer<ffi::F32>>()   // h0
+      .Arg<ffi::Buffer<ffi::F32>>()   // c0
+      .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+      .Ret<ffi::Buffer<ffi::F32>>()   // ys
+      .Ret<ffi::Buffer<ffi::F32>>()   // h_n
+      .Ret<ffi::Buffer<ffi::F32>>();  // c_n
+}
+
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxTrainForward, TrainForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("grace_us")
-                                  .Attr<bool>("has_mask")
-                                  .Attr<bool>("has_proj")
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // xw
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hh
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hr
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // h0
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // c0
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // ys
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // h_n
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // c_n
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // acts
+                              bind_forward()
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // acts
                                   .Ret<ffi::Buffer<ffi::F32>>());  // c_prev
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxInferForward, InferForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("grace_us")
-                                  .Attr<bool>("has_mask")
-                                  .Attr<bool>("has_proj")
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // xw
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hh
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hr
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // h0
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // c0
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // ys
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // h_n
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // c_n
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxInferForward, InferForwardImpl, bind_forward());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxBackward, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("grace_us")
-                                  .Attr<bool>("has_mask")
-                                  .Attr<bool>("has_proj")
+                              bind_common()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_hh
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w_hr
                                   .Arg<ffi::Buffer<ffi::F32>>()   // acts

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lstm_jax._recurrence import _weight_grads
+
 Array = jax.Array
 
 log = logging.getLogger(__name__)
@@ -245,8 +247,6 @@ def _cpu_recurrence_fwd(config, xw, w_hh, w_hr, h0, c0, mask, b):
 
 
 def _cpu_recurrence_bwd(config, residuals, cotangents):
-    from lstm_jax._recurrence import _weight_grads
-
     w_hh, w_hr, h0, mask, b, ys, acts, c_prev = residuals
     dys, (dh_n, dc_n) = cotangents
     f32 = jnp.float32

@@ -110,7 +110,7 @@ def cudnn_unsupported_reason(*, platform: str, proj: int, dtype, has_variants: b
     return None
 
 
-def cpu_unsupported_reason(*, platform: str, proj: int, dtype, has_variants: bool = False,
+def cpu_unsupported_reason(*, platform: str, dtype, has_variants: bool = False,
                            remat: bool = False, build: bool = True) -> str | None:
     """Why the C++ CPU kernel cannot run this call, or None when it can.
 
@@ -226,7 +226,7 @@ def choose_backend(
             raise ValueError(f'backend="cudnn" cannot run this call: {cudnn_reason}')
         return "cudnn"
     if backend == "cpu":
-        reason = cpu_unsupported_reason(platform=platform, proj=proj, dtype=dtype,
+        reason = cpu_unsupported_reason(platform=platform, dtype=dtype,
                                         has_variants=has_variants, remat=remat)
         if reason:
             raise ValueError(f'backend="cpu" cannot run this call: {reason}')
@@ -236,7 +236,7 @@ def choose_backend(
     if not custom_grad:
         return "scan"
     if platform == "cpu":
-        return _auto_cpu(batch, hidden, proj, dtype, has_variants, remat,
+        return _auto_cpu(batch, hidden, dtype, has_variants, remat,
                          MEASURED_CPU if table is None else table)
     if platform not in _NVIDIA:
         return "scan"
@@ -256,7 +256,7 @@ def choose_backend(
     return min(timed, key=timed.get)
 
 
-def _auto_cpu(batch, hidden, proj, dtype, has_variants, remat, table) -> str:
+def _auto_cpu(batch, hidden, dtype, has_variants, remat, table) -> str:
     """"cpu" where the C++ kernel measured faster at the nearest shape and can run the call.
 
     Only inside the measured range where it won: a batch or hidden size above every shape
@@ -272,6 +272,6 @@ def _auto_cpu(batch, hidden, proj, dtype, has_variants, remat, table) -> str:
     if "cpu" not in measured or measured["cpu"] >= measured.get("scan", float("inf")):
         return "scan"
     # Checked last: the first use on a machine compiles the kernel.
-    reason = cpu_unsupported_reason(platform="cpu", proj=proj, dtype=dtype,
+    reason = cpu_unsupported_reason(platform="cpu", dtype=dtype,
                                     has_variants=has_variants, remat=remat)
     return "cpu" if reason is None else "scan"
