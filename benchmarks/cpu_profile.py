@@ -194,6 +194,55 @@ def flags(shape_text, unrolls="1,4"):
         print(f"{fl or '(none)'}: {tail if isinstance(tail, str) else tail[0]}", flush=True)
 
 
+def kparts(shape_text):
+    """fwd+bwd of backend="cpu" split into the kernel calls and XLA's products around them."""
+    import jax
+    import jax.numpy as jnp
+
+    from lstm_jax.kernels.cpu_native import _forward, cpu_recurrence
+
+    shape = tuple(int(v) for v in shape_text.split(","))
+    B, T, D, H = shape
+    n = 10
+    fl = 2 * T * B * 4 * H * (D + H)
+    tfb, tf = torch_time(shape, n)
+    print(f"torch fwd+bwd {tfb:.2f} ms, fwd {tf:.2f} ms")
+    params, x, g, loss = _setup(shape, backend="cpu")
+    t = jtime(g, params, x, n=n)
+    print(f"cpu kernel: fwd+bwd {t:.2f} ms ({t / tfb:.2f}x, {3 * fl / t / 1e6:.0f} GFLOP/s), "
+          f"fwd {jtime(loss, params, x, n=n):.2f} ms")
+    rng = np.random.default_rng(1)
+    p = params.layers[0][0]
+    xw = jnp.asarray(rng.standard_normal((T, B, 4 * H), np.float32))
+    xt = jnp.asarray(rng.standard_normal((T, B, D), np.float32))
+    h0 = c0 = jnp.zeros((B, H))
+    cfg = (os.cpu_count(), 0)
+
+    def fwd_train(xw, w):
+        return _forward(cfg, xw, w, None, h0, c0, None, p.b, save=True)
+
+    def fwd_bwd(xw, w):
+        return jax.grad(lambda a, b: jnp.sum(cpu_recurrence(a, b, None, h0, c0, None, p.b)[0]),
+                        argnums=(0, 1))(xw, w)
+
+    rec = 2 * T * B * 4 * H * H
+    tk = jtime(fwd_train, xw, p.w_hh, n=n)
+    tkb = jtime(fwd_bwd, xw, p.w_hh, n=n)
+    print(f"  kernel forward (train) {tk:.2f} ms ({rec / tk / 1e6:.0f} GFLOP/s); "
+          f"recurrence fwd+bwd incl. dW_hh {tkb:.2f} ms")
+    dz = xw
+    ys = jnp.asarray(rng.standard_normal((T, B, H), np.float32))
+    prods = {
+        "x @ w_ih": (lambda a, w: jnp.einsum("tbd,dg->tbg", a, w), xt, p.w_ih, D),
+        "dx = dz @ w_ih^T": (lambda z, w: jnp.einsum("tbg,dg->tbd", z, w), dz, p.w_ih, D),
+        "dw_ih = x^T dz": (lambda a, z: jnp.einsum("tbd,tbg->dg", a, z), xt, dz, D),
+        "dw_hh = h^T dz": (lambda a, z: jnp.einsum("tbh,tbg->hg", a, z), ys, dz, H),
+    }
+    for name, (f, a, b_, k) in prods.items():
+        tp = jtime(f, a, b_, n=n)
+        print(f"  {name}: {tp:.2f} ms ({2 * T * B * 4 * H * k / tp / 1e6:.0f} GFLOP/s)")
+
+
 def compile_times():
     import jax
     import jax.numpy as jnp
@@ -214,4 +263,5 @@ def compile_times():
 
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
-    {"gemm": gemm, "parts": parts, "flags": flags, "one": one, "compile": compile_times}[cmd](*rest)
+    {"gemm": gemm, "parts": parts, "flags": flags, "one": one, "compile": compile_times,
+     "kparts": kparts}[cmd](*rest)

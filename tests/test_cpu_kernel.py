@@ -95,8 +95,8 @@ def _projected(steps, batch, hidden, proj, seed=1, lengths=False):
     [
         (6, 3, 5, 3, False),      # tails everywhere, one thread
         (9, 5, 24, 16, True),     # row blocks, masks
-        (70, 1, 128, 64, False),  # a team: r and dh + dy exchanged at every step too
-        (66, 2, 136, 40, True),   # a team with unequal parts of H (72, 64) and of P (40, 0)
+        (70, 2, 128, 64, False),  # a team: r and dh + dy exchanged at every step too
+        (80, 2, 136, 40, True),   # a team with unequal parts of H (72, 64) and of P (40, 0)
     ],
     ids=["tails", "rows-mask", "team", "team-uneven-mask"],
 )
@@ -109,7 +109,8 @@ def test_projection_matches_scan_forward_and_gradients(steps, batch, hidden, pro
         weights = jnp.sin(jnp.arange(ys.size, dtype=jnp.float32)).reshape(ys.shape)
         return jnp.sum(ys * weights) + jnp.sum(h * h) + 0.7 * jnp.sum(jnp.cos(c)), (ys, h, c)
 
-    kernel = lambda *a: cpu_recurrence(*a, helper_wait_us=200_000)
+    # The caller runs 3 steps alone, then the helpers join (in the team cases).
+    kernel = lambda *a: cpu_native._cpu_recurrence((2, 200_000, 3), *a)
     grads = lambda loop: jax.jit(jax.value_and_grad(
         lambda *a: loss(loop, *a), argnums=(0, 1, 2, 3, 4, 5), has_aux=True))(
         xw, w_hh, w_hr, h0, c0, b)
@@ -130,15 +131,17 @@ def test_masked_steps_carry_the_state_and_output_zero():
     np.testing.assert_array_equal(h[0], ys[1, 0])
 
 
-def test_threads_do_not_change_a_bit():
+@pytest.mark.parametrize("join_step", [0, 5, 79], ids=["from-start", "mid-run", "last-step"])
+def test_threads_do_not_change_a_bit(join_step):
     # Every output element is summed in the same order whichever thread or row block forms
-    # it, so the team split and the row blocking leave the numbers bit-identical. A long
-    # wait for the helpers makes the team form wherever XLA's pool has a second thread.
+    # it, so the team split and the row blocking leave the numbers bit-identical. The caller
+    # runs alone until `join_step`, then waits (long) for the helpers there: the team forms
+    # at that step wherever XLA's pool has a second thread, as when a helper comes late.
     problem = _problem(80, 3, 128, lengths=True)
     one_out, one_grads = _outputs_and_grads(
         lambda *a: cpu_recurrence(*a, threads=1), *problem)
     many_out, many_grads = _outputs_and_grads(
-        lambda *a: cpu_recurrence(*a, threads=4, helper_wait_us=200_000), *problem)
+        lambda *a: cpu_native._cpu_recurrence((4, 200_000, join_step), *a), *problem)
     for a, b in zip(jax.tree.leaves((one_out, one_grads)), jax.tree.leaves((many_out, many_grads))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -340,7 +343,7 @@ def test_the_kernel_checks_every_buffer_shape():
     # xw, bias, w_hh, w_hr (a placeholder without a projection), h0, c0, mask
     args = [jnp.zeros((5, 4, 32)), jnp.zeros(32), jnp.zeros((8, 32)), jnp.zeros((1, 1)),
             jnp.zeros((1, 8)), jnp.zeros((4, 8)), jnp.ones((1, 1), bool)]
-    flags = dict(threads=1, grace_us=0, has_mask=False, has_proj=False)
+    flags = dict(threads=1, grace_us=0, join_step=0, has_mask=False, has_proj=False)
     with pytest.raises(Exception, match=r"h0 has shape \(1, 8\), expected \(4, 8\)"):
         jax.block_until_ready(call(*args, **flags))
     args[4] = jnp.zeros((4, 8))

@@ -90,16 +90,15 @@ inline int64_t panel_width(int64_t N, int64_t j) {
   return N - j;
 }
 
-// packed[K * j + k * width + c] = w[k * ldw + j + c] for every panel [j, j + width).
-std::vector<float> pack_panels(const float* w, int64_t ldw, int64_t N, int64_t K) {
-  std::vector<float> packed(N * K);
+// packed[K * j + k * width + c] = w[k * ldw + j + c] for every panel [j, j + width) of the
+// N columns: K * N floats.
+void pack_panels(const float* w, int64_t ldw, int64_t N, int64_t K, float* packed) {
   for (int64_t j = 0; j < N;) {
     const int64_t width = panel_width(N, j);
     for (int64_t k = 0; k < K; ++k)
-      std::memcpy(packed.data() + K * j + k * width, w + k * ldw + j, width * sizeof(float));
+      std::memcpy(packed + K * j + k * width, w + k * ldw + j, width * sizeof(float));
     j += width;
   }
-  return packed;
 }
 
 // Accumulator registers to use: 16 of AVX-512's 32 vector registers, 8 of AVX2's 16.
@@ -252,23 +251,50 @@ class StepBarrier {
   std::atomic<bool> aborted_{false};
 };
 
-// The hidden units [u0, u1) of one team member. Each member owns these units' four gate
-// columns of W_hh (packed contiguously), their cell state and their part of h, so that a
-// team splits W_hh between the cores' caches; the members exchange h (forward) or dz
-// (backward) once per step.
+// A range [u0, u1) of hidden units (or, with a projection, of the P state columns).
 struct Part {
   int64_t u0, u1;
-  int64_t member = 0, team = 1;  // which member of how large a team
   int64_t width() const { return u1 - u0; }
 };
 
-// Column q * H + u0 + j of a (.., 4H) row is column q * n + j of the member's packed row.
+// A problem's hidden units are cut into a fixed number of parts before its loop starts, one
+// per team member the call may get. A team of k members gives each a contiguous group of
+// parts (member_share), so the calling thread can start alone, owning every part, and hand
+// parts over at a step boundary to helpers that arrive later, with nothing to repack.
+// Parts are multiples of 8 units (the vector width), so members never share a cache line.
+inline int64_t part_chunk(int64_t size, int64_t parts) {
+  return ((size + parts - 1) / parts + 7) / 8 * 8;
+}
+
+inline Part unit_part(int64_t size, int64_t parts, int64_t index) {
+  const int64_t chunk = part_chunk(size, parts);
+  const int64_t u0 = std::min(size, index * chunk);
+  return {u0, std::min(size, u0 + chunk)};
+}
+
+// The largest count <= n of parts that all get units (rounding the parts up to multiples
+// of 8 can leave the last ones of a larger count empty).
+inline int64_t parts_with_units(int64_t hidden, int64_t n) {
+  while (n > 1 && (n - 1) * part_chunk(hidden, n) >= hidden) --n;
+  return n;
+}
+
+// The parts [first, last) of member `member` of a team of `team`.
+struct Share {
+  int64_t first, last;
+};
+
+inline Share member_share(int64_t parts, int64_t team, int64_t member) {
+  return {member * parts / team, (member + 1) * parts / team};
+}
+
+// Column q * H + u0 + j of a (.., 4H) row is column q * n + j of the part's packed row.
 inline void gather_gates(const float* row, int64_t H, const Part& part, float* out) {
   const int64_t n = part.width();
   for (int q = 0; q < 4; ++q) std::memcpy(out + q * n, row + q * H + part.u0, n * sizeof(float));
 }
 
-// Asks for the member's columns of rows [row0, row0 + rows) of a (.., width) array (gate
+// Asks for the part's columns of rows [row0, row0 + rows) of a (.., width) array (gate
 // blocks of H when `gates`) to be fetched into the cache: the next step's inputs, while this
 // step's product runs (streamed from memory, they cost ~15 us per step at B=32, H=256).
 inline void prefetch_rows(const float* base, int64_t row0, int64_t rows, int64_t width,
@@ -286,233 +312,295 @@ inline void scatter_gates(const float* packed, int64_t H, const Part& part, floa
   for (int q = 0; q < 4; ++q) std::memcpy(row + q * H + part.u0, packed + q * n, n * sizeof(float));
 }
 
+// Steps from `t` on while keep_going(t): the caller alone asks before each step whether
+// helpers have arrived; a team member never stops early.
+using KeepGoing = std::function<bool(int64_t)>;
+
 struct ForwardArgs {
   const float *xw, *bias, *w, *w_hr, *h0, *c0;  // w: (P, 4H); w_hr: (H, P) or null
   const bool* mask;
   float *ys, *h_out, *c_out, *acts, *c_prev;
-  float* h_shared;  // (2, B, P): h_{t-1} and h_t, alternating, read by the whole team
-  float* r_shared;  // (B, H): o * tanh(c_t) of all units, with a projection
 };
 
-// A member's share of the projection's outputs: state columns [p0, p1) of P.
-inline Part out_part(const Dims& d, const Part& part);
+// One problem's forward pass. The calling thread builds what the team shares (W_hh packed
+// part by part, the cell state, h); each member then runs its parts of every step. With a
+// projection each part also owns a slice of the P state columns: after the team has
+// exchanged r_t (one barrier more per step) its member forms h_t[:, slice] = r_t @
+// W_hr[:, slice].
+class ForwardRun {
+ public:
+  ForwardRun(const Dims& d, const ForwardArgs& a, int64_t parts)
+      : d_(d), a_(a), parts_(parts), w_(d.out * 4 * d.hidden), bias_(4 * d.hidden),
+        c_(a.c0, a.c0 + d.batch * d.hidden), h_(2 * d.batch * d.out),
+        r_(d.projection ? d.batch * d.hidden : 0), w_hr_(d.projection ? d.hidden * d.out : 0) {
+    const int64_t H = d.hidden, G = 4 * H, P = d.out;
+    std::vector<float> own;
+    for (int64_t i = 0; i < parts; ++i) {
+      const Part u = unit_part(H, parts, i);
+      const int64_t g = 4 * u.width();
+      own.resize(P * g);
+      for (int64_t k = 0; k < P; ++k) gather_gates(a.w + k * G, H, u, own.data() + k * g);
+      pack_panels(own.data(), g, g, P, w_.data() + P * 4 * u.u0);
+      gather_gates(a.bias, H, u, bias_.data() + 4 * u.u0);
+      if (d.projection) {
+        const Part o = unit_part(P, parts, i);
+        pack_panels(a.w_hr + o.u0, P, o.width(), H, w_hr_.data() + H * o.u0);
+      }
+    }
+    copy_floats(h_.data(), a.h0, d.batch * P);
+  }
 
-// One team member's share of one problem's forward pass, all steps. With a projection the
-// member also owns a slice of the P state columns: after the team has exchanged r_t (one
-// barrier more per step) it forms h_t[:, slice] = r_t @ W_hr[:, slice].
-void forward_part(const Dims& d, const ForwardArgs& a, const Part& part, StepBarrier& barrier) {
-  const int64_t H = d.hidden, G = 4 * H, B = d.batch, P = d.out, n = part.width(), g = 4 * n;
-  const Part op = out_part(d, part);
-  const int64_t np = op.width();
-  const bool proj = d.projection;
-  std::vector<float> own(P * g), bias(g), c(B * n), z(B * g), h_own(B * P);
-  for (int64_t k = 0; k < P; ++k) gather_gates(a.w + k * G, H, part, own.data() + k * g);
-  const std::vector<float> w = pack_panels(own.data(), g, g, P);
-  std::vector<float> w_hr, r_own, h_proj;
-  if (proj) {
-    w_hr = pack_panels(a.w_hr + op.u0, P, np, H);
-    r_own.resize(B * H);
-    h_proj.resize(B * np);
+  // Runs steps t, t + 1, ... as member `member` of a team of `team` while keep_going(t);
+  // false if the team was aborted.
+  bool run(int64_t& t, int64_t member, int64_t team, StepBarrier& barrier,
+           const KeepGoing& keep_going) {
+    const int64_t B = d_.batch, H = d_.hidden, P = d_.out;
+    const Share share = member_share(parts_, team, member);
+    std::vector<float> z(B * 4 * part_chunk(H, parts_)), h_own(B * P), r_own(r_.size()),
+        h_proj(d_.projection ? B * part_chunk(P, parts_) : 0);
+    int64_t phase = 0;
+    for (; t < d_.steps && keep_going(t); ++t) {
+      const float* h = h_.data() + (t % 2) * B * P;
+      float* h_next = h_.data() + ((t + 1) % 2) * B * P;
+      // The products read h_{t-1} from a private copy: read in place, half of it written by
+      // the other core just before, the product ran at 55 GFLOP/s instead of ~100 (kernel
+      // timers at 32,100,128,256: 400 -> 255 k cycles per step, copy included).
+      copy_floats(h_own.data(), h, B * P);
+      for (int64_t p = share.first; p < share.last; ++p)
+        step_part(t, unit_part(H, parts_, p), h, h_next, h_own.data(), z.data());
+      if (d_.projection) {
+        if (!barrier.wait(phase)) return false;  // r_t complete
+        copy_floats(r_own.data(), r_.data(), B * H);
+        for (int64_t p = share.first; p < share.last; ++p)
+          project_part(t, unit_part(P, parts_, p), h, h_next, r_own.data(), h_proj.data());
+      }
+      if (!barrier.wait(phase)) return false;  // h_t complete
+    }
+    return true;
   }
-  gather_gates(a.bias, H, part, bias.data());
-  for (int64_t b = 0; b < B; ++b) {
-    copy_floats(c.data() + b * n, a.c0 + b * H + part.u0, n);
-    copy_floats(a.h_shared + b * P + op.u0, a.h0 + b * P + op.u0, np);
+
+  // The final state, once every member is done.
+  void finish() {
+    const int64_t n = d_.batch * d_.out;
+    copy_floats(a_.h_out, h_.data() + (d_.steps % 2) * n, n);
+    copy_floats(a_.c_out, c_.data(), d_.batch * d_.hidden);
   }
-  int64_t phase = 0;
-  if (!barrier.wait(phase)) return;  // h_0 complete before any member's first product
-  for (int64_t t = 0; t < d.steps; ++t) {
-    const float* h = a.h_shared + (t % 2) * B * P;
-    float* h_next = a.h_shared + ((t + 1) % 2) * B * P;
+
+ private:
+  // Step t of the units u: z = xw_t + b + h_{t-1} @ W_hh, the gates, c_t and h_t (or r_t).
+  void step_part(int64_t t, const Part& u, const float* h, float* h_next, const float* h_own,
+                 float* z) {
+    const int64_t H = d_.hidden, G = 4 * H, B = d_.batch, P = d_.out, n = u.width(), g = 4 * n;
+    const float* bias = bias_.data() + 4 * u.u0;
     for (int64_t b = 0; b < B; ++b) {
-      float* zr = z.data() + b * g;
-      gather_gates(a.xw + (t * B + b) * G, H, part, zr);
+      float* zr = z + b * g;
+      gather_gates(a_.xw + (t * B + b) * G, H, u, zr);
       for (int64_t j = 0; j < g; ++j) zr[j] += bias[j];
     }
-    if (t + 1 < d.steps) prefetch_rows(a.xw, (t + 1) * B, B, G, H, part, true);
-    // The product reads h_{t-1} from a private copy: read in place, half of it written by
-    // the other core just before, the product ran at 55 GFLOP/s instead of ~100 (kernel
-    // timers at 32,100,128,256: 400 -> 255 k cycles per step, copy included).
-    copy_floats(h_own.data(), h, B * P);
-    product(h_own.data(), P, w.data(), g, P, z.data(), g, B);
+    if (t + 1 < d_.steps) prefetch_rows(a_.xw, (t + 1) * B, B, G, H, u, true);
+    product(h_own, P, w_.data() + P * 4 * u.u0, g, P, z, g, B);
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = t * B + b;
-      const bool valid = a.mask == nullptr || a.mask[row];
-      float* zr = z.data() + b * g;
+      const bool valid = a_.mask == nullptr || a_.mask[row];
+      float* zr = z + b * g;
       // sigmoid(x) = 0.5 tanh(x / 2) + 0.5: the same rational tanh for all four gates.
-      activate(zr, 2 * n, 0.5f);          // i, f
-      activate(zr + 2 * n, n, 1.0f);      // g
-      activate(zr + 3 * n, n, 0.5f);      // o
+      activate(zr, 2 * n, 0.5f);      // i, f
+      activate(zr + 2 * n, n, 1.0f);  // g
+      activate(zr + 3 * n, n, 0.5f);  // o
       const float *gi = zr, *gf = zr + n, *gg = zr + 2 * n, *go = zr + 3 * n;
-      float* cr = c.data() + b * n;
-      if (a.c_prev != nullptr) copy_floats(a.c_prev + row * H + part.u0, cr, n);
-      if (proj) {
-        // r_t of the member's units for the whole team; masked rows keep their state, and
-        // their r is never used.
-        if (valid) cell_update_row(gi, gf, gg, go, cr, a.r_shared + b * H + part.u0, n);
+      float* cr = c_.data() + b * H + u.u0;
+      if (a_.c_prev != nullptr) copy_floats(a_.c_prev + row * H + u.u0, cr, n);
+      if (d_.projection) {
+        // r_t of these units for the whole team; masked rows keep their state, and their
+        // r is never used.
+        if (valid) cell_update_row(gi, gf, gg, go, cr, r_.data() + b * H + u.u0, n);
       } else if (valid) {
-        float* hn = h_next + b * P + part.u0;
+        float* hn = h_next + b * P + u.u0;
         cell_update_row(gi, gf, gg, go, cr, hn, n);
-        copy_floats(a.ys + row * P + part.u0, hn, n);
+        copy_floats(a_.ys + row * P + u.u0, hn, n);
       } else {  // past the sequence's end: carry the state, output zero
-        copy_floats(h_next + b * P + part.u0, h + b * P + part.u0, n);
-        std::fill(a.ys + row * P + part.u0, a.ys + row * P + part.u1, 0.0f);
+        copy_floats(h_next + b * P + u.u0, h + b * P + u.u0, n);
+        std::fill(a_.ys + row * P + u.u0, a_.ys + row * P + u.u1, 0.0f);
       }
-      if (a.acts != nullptr) scatter_gates(zr, H, part, a.acts + row * G);
+      if (a_.acts != nullptr) scatter_gates(zr, H, u, a_.acts + row * G);
     }
-    if (proj) {
-      if (!barrier.wait(phase)) return;  // r_t complete
-      copy_floats(r_own.data(), a.r_shared, B * H);
-      std::fill(h_proj.begin(), h_proj.end(), 0.0f);
-      product(r_own.data(), H, w_hr.data(), np, H, h_proj.data(), np, B);
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row = t * B + b;
-        float* hn = h_next + b * P + op.u0;
-        float* yr = a.ys + row * P + op.u0;
-        if (a.mask == nullptr || a.mask[row]) {
-          copy_floats(hn, h_proj.data() + b * np, np);
-          copy_floats(yr, hn, np);
-        } else {
-          copy_floats(hn, h + b * P + op.u0, np);
-          std::fill(yr, yr + np, 0.0f);
-        }
+  }
+
+  // h_t[:, o] = r_t @ W_hr[:, o] for the state columns o.
+  void project_part(int64_t t, const Part& o, const float* h, float* h_next, const float* r_own,
+                    float* h_proj) {
+    const int64_t H = d_.hidden, B = d_.batch, P = d_.out, np = o.width();
+    std::fill(h_proj, h_proj + B * np, 0.0f);
+    product(r_own, H, w_hr_.data() + H * o.u0, np, H, h_proj, np, B);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = t * B + b;
+      float* hn = h_next + b * P + o.u0;
+      float* yr = a_.ys + row * P + o.u0;
+      if (a_.mask == nullptr || a_.mask[row]) {
+        copy_floats(hn, h_proj + b * np, np);
+        copy_floats(yr, hn, np);
+      } else {
+        copy_floats(hn, h + b * P + o.u0, np);
+        std::fill(yr, yr + np, 0.0f);
       }
     }
-    if (!barrier.wait(phase)) return;
   }
-  const float* h_last = a.h_shared + (d.steps % 2) * B * P;
-  for (int64_t b = 0; b < B; ++b) {
-    copy_floats(a.h_out + b * P + op.u0, h_last + b * P + op.u0, np);
-    copy_floats(a.c_out + b * H + part.u0, c.data() + b * n, n);
-  }
-}
+
+  const Dims d_;
+  const ForwardArgs a_;
+  const int64_t parts_;
+  std::vector<float> w_, bias_;  // W_hh's gate columns and b, part by part
+  std::vector<float> c_;         // (B, H) cell state
+  std::vector<float> h_;         // (2, B, P): h_{t-1} and h_t, alternating
+  std::vector<float> r_;         // (B, H): o * tanh(c_t) of all units, with a projection
+  std::vector<float> w_hr_;      // W_hr's state columns, part by part
+};
 
 struct BackwardArgs {
   const float *w, *w_hr, *acts, *c_prev, *dys, *dh_in, *dc_in;
   const bool* mask;
   float *dz, *dh_out, *dc_out;
-  float* dh_total;    // (T, B, P): dh_t + dy_t at valid steps, for dW_hr (with a projection)
-  float* dht_shared;  // (B, P): this step's dh_t + dy_t, exchanged (with a projection)
+  float* dh_total;  // (T, B, P): dh_t + dy_t at valid steps, for dW_hr (with a projection)
 };
 
-// One team member's share of one problem's backward pass, all steps in reverse. The member
-// forms dz for its units' gate columns, then (after the team's barrier) its slice of
+// One problem's backward pass, all steps in reverse (step s is time T - 1 - s). A member
+// forms dz for its parts' gate columns, then (after the team's barrier) its parts' slices of
 // dh_{t-1} from the whole dz_t row: dh_{t-1}[p] = sum_j dz_t[j] W_hh[p, j]. With a
 // projection, dr = (dh_t + dy_t) @ W_hr^T needs the whole state gradient first: one
 // exchange (and barrier) more per step.
-void backward_part(const Dims& d, const BackwardArgs& a, const Part& part,
-                   StepBarrier& barrier) {
-  const int64_t H = d.hidden, G = 4 * H, B = d.batch, P = d.out, n = part.width();
-  const Part op = out_part(d, part);
-  const int64_t np = op.width();
-  const bool proj = d.projection;
-  // W_hh^T restricted to this member's state columns: (4H, np), so the product has the
-  // forward's form.
-  std::vector<float> own_t(G * np), dh(B * np), dc(B * n), dh_next(B * np), dz_own(B * G);
-  for (int64_t u = 0; u < np; ++u)
-    for (int64_t j = 0; j < G; ++j) own_t[j * np + u] = a.w[(op.u0 + u) * G + j];
-  const std::vector<float> w_t = pack_panels(own_t.data(), np, np, G);
-  std::vector<float> hr_t, dht_own, dr, zeros;
-  if (proj) {  // W_hr^T restricted to this member's units: (P, n)
-    std::vector<float> t_hr(P * n);
-    for (int64_t u = 0; u < n; ++u)
-      for (int64_t k = 0; k < P; ++k) t_hr[k * n + u] = a.w_hr[(part.u0 + u) * P + k];
-    hr_t = pack_panels(t_hr.data(), n, n, P);
-    dht_own.resize(B * P);
-    dr.resize(B * n);
-    zeros.assign(n, 0.0f);
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    copy_floats(dh.data() + b * np, a.dh_in + b * P + op.u0, np);
-    copy_floats(dc.data() + b * n, a.dc_in + b * H + part.u0, n);
-  }
-  int64_t phase = 0;
-  for (int64_t t = d.steps - 1; t >= 0; --t) {
-    if (t > 0) {  // the previous step's residuals, while this step runs
-      prefetch_rows(a.acts, (t - 1) * B, B, G, H, part, true);
-      prefetch_rows(a.c_prev, (t - 1) * B, B, H, 0, part, false);
-      prefetch_rows(a.dys, (t - 1) * B, B, P, 0, op, false);
-    }
-    if (proj) {
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row = t * B + b;
-        float* shared = a.dht_shared + b * P + op.u0;
-        const float* dy = a.dys + row * P + op.u0;
-        const float* dhr = dh.data() + b * np;
-        for (int64_t j = 0; j < np; ++j) shared[j] = dhr[j] + dy[j];
-        float* total = a.dh_total + row * P + op.u0;
-        if (a.mask == nullptr || a.mask[row])
-          copy_floats(total, shared, np);
-        else
-          std::fill(total, total + np, 0.0f);
+class BackwardRun {
+ public:
+  BackwardRun(const Dims& d, const BackwardArgs& a, int64_t parts)
+      : d_(d), a_(a), parts_(parts), w_t_(4 * d.hidden * d.out),
+        hr_t_(d.projection ? d.out * d.hidden : 0), dh_(a.dh_in, a.dh_in + d.batch * d.out),
+        dc_(a.dc_in, a.dc_in + d.batch * d.hidden), dht_(d.projection ? d.batch * d.out : 0) {
+    const int64_t H = d.hidden, G = 4 * H, P = d.out;
+    std::vector<float> t;
+    for (int64_t i = 0; i < parts; ++i) {
+      // W_hh^T restricted to the part's state columns: (4H, np), so the product has the
+      // forward's form.
+      const Part o = unit_part(P, parts, i);
+      const int64_t np = o.width();
+      t.resize(G * np);
+      for (int64_t u = 0; u < np; ++u)
+        for (int64_t j = 0; j < G; ++j) t[j * np + u] = a.w[(o.u0 + u) * G + j];
+      pack_panels(t.data(), np, np, G, w_t_.data() + G * o.u0);
+      if (d.projection) {  // W_hr^T restricted to the part's units: (P, n)
+        const Part u = unit_part(H, parts, i);
+        const int64_t n = u.width();
+        t.resize(P * n);
+        for (int64_t v = 0; v < n; ++v)
+          for (int64_t k = 0; k < P; ++k) t[k * n + v] = a.w_hr[(u.u0 + v) * P + k];
+        pack_panels(t.data(), n, n, P, hr_t_.data() + P * u.u0);
       }
-      if (!barrier.wait(phase)) return;  // dh_t + dy_t complete
-      copy_floats(dht_own.data(), a.dht_shared, B * P);
-      std::fill(dr.begin(), dr.end(), 0.0f);
-      product(dht_own.data(), P, hr_t.data(), n, P, dr.data(), n, B);
     }
+  }
+
+  bool run(int64_t& s, int64_t member, int64_t team, StepBarrier& barrier,
+           const KeepGoing& keep_going) {
+    const int64_t H = d_.hidden, G = 4 * H, B = d_.batch, P = d_.out, T = d_.steps;
+    const bool proj = d_.projection;
+    const Share share = member_share(parts_, team, member);
+    const int64_t chunk = part_chunk(H, parts_);
+    std::vector<float> dh_next(B * part_chunk(P, parts_)), dz_own(B * G),
+        dht_own(proj ? B * P : 0), dr(proj ? B * chunk : 0), zeros(proj ? chunk : 0, 0.0f);
+    int64_t phase = 0;
+    for (; s < T && keep_going(s); ++s) {
+      const int64_t t = T - 1 - s;
+      for (int64_t p = share.first; p < share.last && t > 0; ++p) {
+        // The previous step's residuals, while this step runs.
+        const Part u = unit_part(H, parts_, p), o = unit_part(P, parts_, p);
+        prefetch_rows(a_.acts, (t - 1) * B, B, G, H, u, true);
+        prefetch_rows(a_.c_prev, (t - 1) * B, B, H, 0, u, false);
+        prefetch_rows(a_.dys, (t - 1) * B, B, P, 0, o, false);
+      }
+      if (proj) {
+        for (int64_t p = share.first; p < share.last; ++p) share_state_grad(t, unit_part(P, parts_, p));
+        if (!barrier.wait(phase)) return false;  // dh_t + dy_t complete
+        copy_floats(dht_own.data(), dht_.data(), B * P);
+      }
+      for (int64_t p = share.first; p < share.last; ++p) {
+        const Part u = unit_part(H, parts_, p);
+        const int64_t n = u.width();
+        if (proj) {
+          std::fill(dr.begin(), dr.begin() + B * n, 0.0f);
+          product(dht_own.data(), P, hr_t_.data() + P * u.u0, n, P, dr.data(), n, B);
+        }
+        gates_grad_part(t, u, dr.data(), zeros.data());
+      }
+      if (!barrier.wait(phase)) return false;  // dz_t complete: every member reads the row
+      // From a private copy of dz_t, as the forward reads h (written partly by other cores).
+      copy_floats(dz_own.data(), a_.dz + t * B * G, B * G);
+      for (int64_t p = share.first; p < share.last; ++p) {
+        const Part o = unit_part(P, parts_, p);
+        const int64_t np = o.width();
+        std::fill(dh_next.begin(), dh_next.begin() + B * np, 0.0f);
+        product(dz_own.data(), G, w_t_.data() + G * o.u0, np, G, dh_next.data(), np, B);
+        for (int64_t b = 0; b < B; ++b)
+          if (a_.mask == nullptr || a_.mask[t * B + b])
+            copy_floats(dh_.data() + b * P + o.u0, dh_next.data() + b * np, np);
+      }
+    }
+    return true;
+  }
+
+  void finish() {
+    copy_floats(a_.dh_out, dh_.data(), d_.batch * d_.out);
+    copy_floats(a_.dc_out, dc_.data(), d_.batch * d_.hidden);
+  }
+
+ private:
+  // dh_t + dy_t of the state columns o, for the whole team (and dW_hr's after-loop product).
+  void share_state_grad(int64_t t, const Part& o) {
+    const int64_t B = d_.batch, P = d_.out, np = o.width();
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = t * B + b;
-      float* out = a.dz + row * G;
-      if (a.mask != nullptr && !a.mask[row]) {  // dh and dc pass through unchanged
-        for (int q = 0; q < 4; ++q) std::fill(out + q * H + part.u0, out + q * H + part.u1, 0.0f);
+      float* shared = dht_.data() + b * P + o.u0;
+      const float* dy = a_.dys + row * P + o.u0;
+      const float* dhr = dh_.data() + b * P + o.u0;
+      for (int64_t j = 0; j < np; ++j) shared[j] = dhr[j] + dy[j];
+      float* total = a_.dh_total + row * P + o.u0;
+      if (a_.mask == nullptr || a_.mask[row])
+        copy_floats(total, shared, np);
+      else
+        std::fill(total, total + np, 0.0f);
+    }
+  }
+
+  // dz_t of the units u, and dc_{t-1}. Without a projection dr = dh_t + dy_t of the units
+  // themselves (the state columns are the units); with one, dr came from r's product.
+  void gates_grad_part(int64_t t, const Part& u, const float* dr, const float* zeros) {
+    const int64_t H = d_.hidden, G = 4 * H, B = d_.batch, P = d_.out, n = u.width();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = t * B + b;
+      float* out = a_.dz + row * G;
+      if (a_.mask != nullptr && !a_.mask[row]) {  // dh and dc pass through unchanged
+        for (int q = 0; q < 4; ++q) std::fill(out + q * H + u.u0, out + q * H + u.u1, 0.0f);
         continue;
       }
-      const float* act = a.acts + row * G + part.u0;
+      const float* act = a_.acts + row * G + u.u0;
       const float *gi = act, *gf = act + H, *gg = act + 2 * H, *go = act + 3 * H;
-      const float* cp = a.c_prev + row * H + part.u0;
-      // Without a projection dr = dh_t + dy_t of the member's own units (its state slice
-      // is its units); with one, dr came from the product above.
-      const float* dr_a = proj ? dr.data() + b * n : dh.data() + b * np;
-      const float* dr_b = proj ? zeros.data() : a.dys + row * P + part.u0;
-      float* dcr = dc.data() + b * n;
-      float* dzr = out + part.u0;
-      cell_update_grad_row(gi, gf, gg, go, cp, dr_b, dr_a, dcr, dzr, dzr + H, dzr + 2 * H,
-                           dzr + 3 * H, n);
+      const float* cp = a_.c_prev + row * H + u.u0;
+      const float* dr_a = d_.projection ? dr + b * n : dh_.data() + b * P + u.u0;
+      const float* dr_b = d_.projection ? zeros : a_.dys + row * P + u.u0;
+      float* dzr = out + u.u0;
+      cell_update_grad_row(gi, gf, gg, go, cp, dr_b, dr_a, dc_.data() + b * H + u.u0, dzr,
+                           dzr + H, dzr + 2 * H, dzr + 3 * H, n);
     }
-    if (!barrier.wait(phase)) return;  // dz_t complete: every member reads the whole row
-    std::fill(dh_next.begin(), dh_next.end(), 0.0f);
-    // From a private copy of dz_t, as the forward reads h (written partly by other cores).
-    copy_floats(dz_own.data(), a.dz + t * B * G, B * G);
-    product(dz_own.data(), G, w_t.data(), np, G, dh_next.data(), np, B);
-    for (int64_t b = 0; b < B; ++b)
-      if (a.mask == nullptr || a.mask[t * B + b])
-        copy_floats(dh.data() + b * np, dh_next.data() + b * np, np);
   }
-  for (int64_t b = 0; b < B; ++b) {
-    copy_floats(a.dh_out + b * P + op.u0, dh.data() + b * np, np);
-    copy_floats(a.dc_out + b * H + part.u0, dc.data() + b * n, n);
-  }
-}
 
-// Hidden units per team member below which splitting a problem does not pay for the
-// barrier and the exchange of h or dz at every step (measured at B = 1: H = 64 ran faster
-// on one thread, H = 128 on two).
+  const Dims d_;
+  const BackwardArgs a_;
+  const int64_t parts_;
+  std::vector<float> w_t_, hr_t_;  // W_hh^T and W_hr^T, packed part by part
+  std::vector<float> dh_, dc_;     // (B, P) and (B, H): the carried gradients
+  std::vector<float> dht_;         // (B, P): this step's dh_t + dy_t (with a projection)
+};
+
+// Hidden units per part below which splitting a problem does not pay for the barrier and
+// the exchange of h or dz at every step (measured at B = 1: H = 64 ran faster on one
+// thread, H = 128 on two).
 constexpr int64_t kMinTeamUnits = 64;
-
-// Units per member: in multiples of 8 (the vector width), so members never share a cache line.
-inline int64_t member_chunk(int64_t hidden, int64_t team) {
-  return ((hidden + team - 1) / team + 7) / 8 * 8;
-}
-
-inline Part member_part(int64_t hidden, int64_t team, int64_t member) {
-  const int64_t chunk = member_chunk(hidden, team);
-  const int64_t u0 = std::min(hidden, member * chunk);
-  return {u0, std::min(hidden, u0 + chunk), member, team};
-}
-
-// Without a projection the state columns are the units themselves; with one, the P
-// columns are split between the members the same way (a member may get none).
-inline Part out_part(const Dims& d, const Part& part) {
-  return d.projection ? member_part(d.out, part.team, part.member) : part;
-}
-
-// The largest team size <= n whose members all get units (rounding the parts up to
-// multiples of 8 can leave the last members of a larger team with none).
-inline int64_t team_with_units(int64_t hidden, int64_t n) {
-  while (n > 1 && (n - 1) * member_chunk(hidden, n) >= hidden) --n;
-  return n;
-}
 
 // What the caller and the helper tasks it schedules on XLA's thread pool share. Held by
 // shared pointers: a helper that starts after the work is done only reads this and returns.
@@ -521,52 +609,68 @@ struct Crew {
   std::atomic<int64_t> joined{0};    // helpers that joined, | kClosed once the team is fixed
   std::atomic<int64_t> size{0};      // the team's size, published after closing
   std::atomic<int64_t> next{0};      // next problem to take (problem-parallel mode)
-  std::atomic<int64_t> finished{0};  // problems done, or team members done
+  std::atomic<int64_t> finished{0};  // problems done, or helpers done
   std::thread::id caller = std::this_thread::get_id();
   std::atomic<bool> failed{false};  // a member threw (out of memory): the call reports it
   std::unique_ptr<StepBarrier> barrier;
-  std::function<void(int64_t, const Part&, StepBarrier&)> work;
+  // Runs a member's share from step `start` (team mode), or one whole problem.
+  std::function<bool(int64_t, int64_t, StepBarrier&)> member;
+  std::function<bool(int64_t)> whole;
 
-  // Runs the work; an exception (an allocation) marks the call failed and releases the
-  // other members from the barrier instead of escaping through XLA's C interface.
-  void guarded(int64_t problem, const Part& part, StepBarrier& step_barrier) {
+  // Runs `work`; an exception (an allocation) or an aborted team marks the call failed
+  // and releases the other members from the barrier instead of escaping through XLA's C
+  // interface.
+  template <typename Work>
+  void guarded(Work work, StepBarrier* team_barrier) {
+    bool ok = false;
     try {
-      work(problem, part, step_barrier);
+      ok = work();
     } catch (...) {
+    }
+    if (!ok) {
       failed.store(true);
-      step_barrier.abort();
+      if (team_barrier != nullptr) team_barrier->abort();
     }
   }
 };
 
-// Runs work(problem, part, barrier) over all problems, with helpers from XLA's intra-op
-// thread pool (no threads of our own, so nothing competes with XLA's workers).
+// Runs every problem's time loop (Run: ForwardRun or BackwardRun, made by make_run(problem,
+// parts)), with helpers from XLA's intra-op thread pool (no threads of our own, so nothing
+// competes with XLA's workers).
 //
 // Several problems (vmap, both directions of a bidirectional layer): each task takes whole
 // problems from a shared counter until none is left; the caller takes part, so this
 // finishes even if no helper ever runs. A single problem large enough to pay for a barrier
-// per step: its hidden units are split between a team of the caller and the helpers that
-// start within a short grace period (XLA may run tasks late, or on the caller's thread);
-// the team is fixed before any member starts, so a helper that comes late does nothing.
+// per step: the caller starts at once, alone, owning every part; helpers that have arrived
+// by a step boundary (XLA may run tasks late: in the benchmark a third of them came more
+// than 1 ms after they were scheduled) join the team there and take over their share of
+// the parts; any helper that comes later does nothing. `grace_us` > 0 makes the caller wait
+// that long for all helpers at step `join_step` (tests use it to fix where the team forms).
 //
 // Returns false if a member failed (the outputs are then incomplete).
-template <typename Work>
+template <typename Run, typename MakeRun>
 bool run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, int64_t grace_us,
-               Work work) {
+               int64_t join_step, MakeRun make_run) {
   const int64_t pool_threads = std::max<int64_t>(1, pool.num_threads());
   threads = std::max<int64_t>(1, std::min(threads, pool_threads));
   auto crew = std::make_shared<Crew>();
-  crew->work = work;
-  StepBarrier solo(1);
+  const KeepGoing always = [](int64_t) { return true; };
+  crew->whole = [&make_run, &always](int64_t problem) {
+    std::unique_ptr<Run> run = make_run(problem, 1);
+    StepBarrier solo(1);
+    int64_t step = 0;
+    if (!run->run(step, 0, 1, solo, always)) return false;
+    run->finish();
+    return true;
+  };
   const double macs = static_cast<double>(d.steps) * d.batch * d.hidden *
-                     (4.0 * d.out + (d.projection ? d.out : 0));
+                      (4.0 * d.out + (d.projection ? d.out : 0));
   if (d.problems > 1 && threads > 1) {
     // Whoever takes a problem is running and finishes it, so the caller waits only for
     // problems taken, never for a helper that has not started.
-    auto take = [problems = d.problems, hidden = d.hidden](Crew& c) {
-      StepBarrier own(1);
+    auto take = [problems = d.problems](Crew& c) {
       for (int64_t p; (p = c.next.fetch_add(1)) < problems;) {
-        c.guarded(p, {0, hidden}, own);
+        c.guarded([&] { return c.whole(p); }, nullptr);
         c.finished.fetch_add(1, std::memory_order_acq_rel);
       }
     };
@@ -577,13 +681,13 @@ bool run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, int64_t gr
       std::this_thread::yield();
     return !crew->failed;
   }
-  const int64_t wanted = std::min(threads, d.hidden / kMinTeamUnits);
-  if (d.problems > 1 || wanted < 2 || macs < 4e6) {
-    for (int64_t p = 0; p < d.problems; ++p) crew->guarded(p, {0, d.hidden}, solo);
+  const int64_t parts = parts_with_units(d.hidden, std::min(threads, d.hidden / kMinTeamUnits));
+  if (d.problems > 1 || parts < 2 || macs < 4e6) {
+    for (int64_t p = 0; p < d.problems; ++p) crew->guarded([&] { return crew->whole(p); }, nullptr);
     return !crew->failed;
   }
-  for (int64_t i = 1; i < wanted; ++i)
-    pool.Schedule([crew, hidden = d.hidden] {
+  for (int64_t i = 1; i < parts; ++i)
+    pool.Schedule([crew] {
       // Run inline by Schedule (no free worker): joining would wait for the caller forever.
       if (std::this_thread::get_id() == crew->caller) return;
       int64_t seen = crew->joined.load(std::memory_order_acquire), index;
@@ -591,32 +695,57 @@ bool run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, int64_t gr
         if (seen & Crew::kClosed) return;  // too late: the team is already fixed
         index = seen + 1;
       } while (!crew->joined.compare_exchange_weak(seen, seen + 1, std::memory_order_acq_rel));
+      // The caller fixes the team at its next step boundary.
       int64_t team;
-      while ((team = crew->size.load(std::memory_order_acquire)) == 0) {
-      }
-      if (index < team) crew->guarded(0, member_part(hidden, team, index), *crew->barrier);
+      for (int64_t spins = 0; (team = crew->size.load(std::memory_order_acquire)) == 0; ++spins)
+        if (spins > 4000) std::this_thread::yield();
+      if (index < team)
+        crew->guarded([&] { return crew->member(index, team, *crew->barrier); },
+                      crew->barrier.get());
       crew->finished.fetch_add(1, std::memory_order_acq_rel);
     });
-  // Grace period for the helpers to start: an eighth of the loop's single-thread time (at
-  // ~25 G multiply-adds per second), 50 us to 1 ms, unless the caller sets one. Measured at
-  // 32,100,128,256: helpers joined after a median 30 us, 90% within 56 us; a 200 us wait
-  // missed 2-8% of the calls.
-  const auto grace = std::chrono::microseconds(
-      grace_us > 0 ? grace_us
-                   : std::clamp<int64_t>(static_cast<int64_t>(macs / 25e3 / 8), 50, 1000));
-  const auto start = std::chrono::steady_clock::now();
-  while ((crew->joined.load(std::memory_order_acquire) & ~Crew::kClosed) < wanted - 1 &&
-         std::chrono::steady_clock::now() - start < grace) {
+  std::unique_ptr<Run> run;
+  int64_t step = 0;
+  bool ok = false;
+  try {
+    run = make_run(0, parts);
+    const auto grace = std::chrono::microseconds(grace_us);
+    const KeepGoing alone = [&](int64_t s) {
+      if (s < join_step) return true;
+      if (s == join_step && grace_us > 0) {
+        const auto start = std::chrono::steady_clock::now();
+        while ((crew->joined.load(std::memory_order_acquire) & ~Crew::kClosed) < parts - 1 &&
+               std::chrono::steady_clock::now() - start < grace) {
+        }
+      }
+      return (crew->joined.load(std::memory_order_acquire) & ~Crew::kClosed) == 0;
+    };
+    StepBarrier solo(1);
+    ok = run->run(step, 0, 1, solo, alone);
+  } catch (...) {
+    ok = false;
   }
+  // Fix the team: the caller and every helper that joined, unless the loop is over (or
+  // failed); helpers outside the team (index >= size) return at once.
   const int64_t joined = crew->joined.fetch_or(Crew::kClosed) & ~Crew::kClosed;
-  const int64_t team = team_with_units(d.hidden, joined + 1);
-  crew->barrier = std::make_unique<StepBarrier>(team);
+  const int64_t team = ok && step < d.steps ? std::min(parts, 1 + joined) : 1;
+  if (team > 1) {
+    crew->barrier = std::make_unique<StepBarrier>(team);
+    crew->member = [&run, start = step](int64_t member, int64_t size, StepBarrier& barrier) {
+      int64_t s = start;
+      return run->run(s, member, size, barrier, [](int64_t) { return true; });
+    };
+  }
   crew->size.store(team, std::memory_order_release);
-  crew->guarded(0, member_part(d.hidden, team, 0), *crew->barrier);
+  if (team > 1)
+    crew->guarded([&] { return run->run(step, 0, team, *crew->barrier, always); },
+                  crew->barrier.get());
   // Every helper that joined is running (or about to): wait for all of them, including any
-  // the team had no units for, since they read the crew's barrier.
+  // outside the team, since they read the crew.
   while (crew->finished.load(std::memory_order_acquire) < joined) std::this_thread::yield();
-  return !crew->failed;
+  if (!ok || crew->failed) return false;
+  run->finish();
+  return true;
 }
 
 // The problem's sizes from xw (..., T, B, 4H), and every other buffer checked against them:
@@ -676,7 +805,7 @@ ffi::Error failed(const char* call) {
                               "): a thread failed (out of memory?)");
 }
 
-ffi::Error Forward(ffi::ThreadPool& pool, int64_t threads, int64_t grace_us, bool has_mask,
+ffi::Error Forward(ffi::ThreadPool& pool, int64_t threads, int64_t grace_us, int64_t join_step, bool has_mask,
                    bool has_proj, ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
                    ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> w_hr,
                    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
@@ -697,25 +826,22 @@ ffi::Error Forward(ffi::ThreadPool& pool, int64_t threads, int64_t grace_us, boo
   check.expect("c_n", c_n->dimensions(), {B, H});
   if (auto err = check.result(); !err.success()) return err;
   const bool* m = has_mask ? mask.typed_data() : nullptr;
-  std::vector<float> h_shared(d.problems * 2 * B * P), r_shared(has_proj ? d.problems * B * H : 0);
-  const bool ok = run_teams(d, threads, pool, grace_us, [&](int64_t p, const Part& part,
-                                                            StepBarrier& barrier) {
-    ForwardArgs a{xw.typed_data() + p * TB * G, bias.typed_data() + p * G,
-                  w_hh.typed_data() + p * P * G,
-                  has_proj ? w_hr.typed_data() + p * H * P : nullptr,
-                  h0.typed_data() + p * B * P, c0.typed_data() + p * B * H,
-                  m == nullptr ? nullptr : m + p * TB, ys->typed_data() + p * TB * P,
-                  h_n->typed_data() + p * B * P, c_n->typed_data() + p * B * H,
-                  acts == nullptr ? nullptr : acts + p * TB * G,
-                  c_prev == nullptr ? nullptr : c_prev + p * TB * H,
-                  h_shared.data() + p * 2 * B * P,
-                  has_proj ? r_shared.data() + p * B * H : nullptr};
-    forward_part(d, a, part, barrier);
-  });
+  const bool ok = run_teams<ForwardRun>(
+      d, threads, pool, grace_us, join_step, [&](int64_t p, int64_t parts) {
+        ForwardArgs a{xw.typed_data() + p * TB * G, bias.typed_data() + p * G,
+                      w_hh.typed_data() + p * P * G,
+                      has_proj ? w_hr.typed_data() + p * H * P : nullptr,
+                      h0.typed_data() + p * B * P, c0.typed_data() + p * B * H,
+                      m == nullptr ? nullptr : m + p * TB, ys->typed_data() + p * TB * P,
+                      h_n->typed_data() + p * B * P, c_n->typed_data() + p * B * H,
+                      acts == nullptr ? nullptr : acts + p * TB * G,
+                      c_prev == nullptr ? nullptr : c_prev + p * TB * H};
+        return std::make_unique<ForwardRun>(d, a, parts);
+      });
   return ok ? ffi::Error::Success() : failed("forward");
 }
 
-ffi::Error TrainForwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
+ffi::Error TrainForwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us, int64_t join_step,
                             bool has_mask, bool has_proj, ffi::Buffer<ffi::F32> xw,
                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_hh,
                             ffi::Buffer<ffi::F32> w_hr, ffi::Buffer<ffi::F32> h0,
@@ -727,22 +853,22 @@ ffi::Error TrainForwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace
   check.expect("acts", acts->dimensions(), {check.d.steps, check.d.batch, 4 * check.d.hidden});
   check.expect("c_prev", c_prev->dimensions(), {check.d.steps, check.d.batch, check.d.hidden});
   if (auto err = check.result(); !err.success()) return err;
-  return Forward(pool, threads, grace_us, has_mask, has_proj, xw, bias, w_hh, w_hr, h0, c0, mask,
+  return Forward(pool, threads, grace_us, join_step, has_mask, has_proj, xw, bias, w_hh, w_hr, h0, c0, mask,
                  ys, h_n, c_n, acts->typed_data(), c_prev->typed_data());
 }
 
-ffi::Error InferForwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
+ffi::Error InferForwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us, int64_t join_step,
                             bool has_mask, bool has_proj, ffi::Buffer<ffi::F32> xw,
                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_hh,
                             ffi::Buffer<ffi::F32> w_hr, ffi::Buffer<ffi::F32> h0,
                             ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
                             ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_n,
                             ffi::ResultBuffer<ffi::F32> c_n) {
-  return Forward(pool, threads, grace_us, has_mask, has_proj, xw, bias, w_hh, w_hr, h0, c0, mask,
+  return Forward(pool, threads, grace_us, join_step, has_mask, has_proj, xw, bias, w_hh, w_hr, h0, c0, mask,
                  ys, h_n, c_n, nullptr, nullptr);
 }
 
-ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us, bool has_mask,
+ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us, int64_t join_step, bool has_mask,
                         bool has_proj, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> w_hr,
                         ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> c_prev,
                         ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dh_n,
@@ -765,20 +891,18 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
   if (has_proj) check.expect("dh_total", dh_total->dimensions(), {T, B, P});
   if (auto err = check.result(); !err.success()) return err;
   const bool* m = has_mask ? mask.typed_data() : nullptr;
-  std::vector<float> dht_shared(has_proj ? d.problems * B * P : 0);
-  const bool ok = run_teams(d, threads, pool, grace_us, [&](int64_t p, const Part& part,
-                                                            StepBarrier& barrier) {
-    BackwardArgs a{w_hh.typed_data() + p * P * G,
-                   has_proj ? w_hr.typed_data() + p * H * P : nullptr,
-                   acts.typed_data() + p * TB * G, c_prev.typed_data() + p * TB * H,
-                   dys.typed_data() + p * TB * P, dh_n.typed_data() + p * B * P,
-                   dc_n.typed_data() + p * B * H, m == nullptr ? nullptr : m + p * TB,
-                   dz->typed_data() + p * TB * G, dh0->typed_data() + p * B * P,
-                   dc0->typed_data() + p * B * H,
-                   has_proj ? dh_total->typed_data() + p * TB * P : nullptr,
-                   has_proj ? dht_shared.data() + p * B * P : nullptr};
-    backward_part(d, a, part, barrier);
-  });
+  const bool ok = run_teams<BackwardRun>(
+      d, threads, pool, grace_us, join_step, [&](int64_t p, int64_t parts) {
+        BackwardArgs a{w_hh.typed_data() + p * P * G,
+                       has_proj ? w_hr.typed_data() + p * H * P : nullptr,
+                       acts.typed_data() + p * TB * G, c_prev.typed_data() + p * TB * H,
+                       dys.typed_data() + p * TB * P, dh_n.typed_data() + p * B * P,
+                       dc_n.typed_data() + p * B * H, m == nullptr ? nullptr : m + p * TB,
+                       dz->typed_data() + p * TB * G, dh0->typed_data() + p * B * P,
+                       dc0->typed_data() + p * B * H,
+                       has_proj ? dh_total->typed_data() + p * TB * P : nullptr};
+        return std::make_unique<BackwardRun>(d, a, parts);
+      });
   return ok ? ffi::Error::Success() : failed("backward");
 }
 
@@ -792,6 +916,7 @@ auto bind_common() {
       .Ctx<ffi::ThreadPool>()
       .Attr<int64_t>("threads")
       .Attr<int64_t>("grace_us")
+      .Attr<int64_t>("join_step")
       .Attr<bool>("has_mask")
       .Attr<bool>("has_proj");
 }

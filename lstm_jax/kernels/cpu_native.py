@@ -192,11 +192,11 @@ def _call(name, results, *args, config, has_mask, has_proj, aliases=None):
     reason = _load()
     if reason is not None:
         raise RuntimeError(f'backend="cpu" is unavailable: {reason}')
-    threads, grace_us = config
+    threads, grace_us, join_step = config
     return jax.ffi.ffi_call(name, results, vmap_method="broadcast_all",
                             input_output_aliases=aliases)(
-        *args, threads=np.int64(threads), grace_us=np.int64(grace_us), has_mask=bool(has_mask),
-        has_proj=bool(has_proj))
+        *args, threads=np.int64(threads), grace_us=np.int64(grace_us),
+        join_step=np.int64(join_step), has_mask=bool(has_mask), has_proj=bool(has_proj))
 
 
 def _mask_arg(mask):
@@ -309,8 +309,9 @@ def cpu_recurrence(
       threads: at most this many threads split one sequence's hidden units or take whole
         vmapped problems; None: the CPUs this process may use (:func:`default_threads`).
         Also capped by the size of XLA's CPU thread pool, where the helpers come from.
-      helper_wait_us: how long the calling thread waits for helper threads to join before
-        it runs with those that did; None scales it with the loop's work (50 us to 1 ms).
+      helper_wait_us: how long the calling thread waits for helper threads before its first
+        step; None: not at all, it starts alone and helpers that arrive later join at the
+        next step boundary.
       precision: ignored (the kernel's products are exact float32 sums); accepted for the
         common loop signature.
 
@@ -347,5 +348,5 @@ def cpu_recurrence(
     if mask is not None and mask.dtype != jnp.bool_:
         raise ValueError(f"mask must be bool, got dtype {mask.dtype}")
     threads = default_threads() if threads is None else int(threads)
-    wait = 0 if helper_wait_us is None else max(1, int(helper_wait_us))
-    return _cpu_recurrence((threads, wait), xw, w_hh, w_hr, h0, c0, mask, b)
+    wait = 0 if helper_wait_us is None else max(0, int(helper_wait_us))
+    return _cpu_recurrence((threads, wait, 0), xw, w_hh, w_hr, h0, c0, mask, b)
