@@ -21,7 +21,7 @@ from lstm_jax._cell import (
 from lstm_jax._params import LSTMParams, LSTMState
 from lstm_jax.kernels import (
     choose_backend,
-    cpu_recurrence,
+    cpu_layer,
     cudnn_lstm,
     pallas_product,
     pallas_recurrence,
@@ -303,13 +303,14 @@ def lstm(
             custom_grad, dtype, acc, out_dtype, unbatched, batch_first,
         )
     # With remat (and the custom backward pass) the input product moves into the loop's
-    # chunks, so that no (T, B, 4H) array is kept: the loop takes the layer input and w_ih.
-    project = not (remat and custom_grad and chosen == "scan")
+    # chunks, so that no (T, B, 4H) array is kept, and the CPU kernel forms it step by step:
+    # those loops take the layer input and w_ih.
+    project = not (remat and custom_grad and chosen == "scan") and chosen != "cpu"
     if chosen == "pallas":
         loop = functools.partial(pallas_recurrence, precision=precision,
                                  product=pallas_product(batch=B, hidden=H))
     elif chosen == "cpu":
-        loop = functools.partial(cpu_recurrence, precision=precision)
+        loop = functools.partial(cpu_layer, precision=precision)
     elif not project:
         loop = functools.partial(remat_recurrence, unroll, precision, remat_chunk(T))
     elif custom_grad:

@@ -15,7 +15,7 @@ import pytest
 
 import lstm_jax
 from lstm_jax._recurrence import recurrence
-from lstm_jax.kernels import choose_backend, cpu_native, cpu_recurrence, select
+from lstm_jax.kernels import choose_backend, cpu_layer, cpu_native, cpu_recurrence, select
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu" or cpu_native.unavailable_reason() is not None,
@@ -110,7 +110,7 @@ def test_projection_matches_scan_forward_and_gradients(steps, batch, hidden, pro
         return jnp.sum(ys * weights) + jnp.sum(h * h) + 0.7 * jnp.sum(jnp.cos(c)), (ys, h, c)
 
     # The caller runs 3 steps alone, then the helpers join (in the team cases).
-    kernel = lambda *a: cpu_native._cpu_recurrence((2, 200_000, 3), *a)
+    kernel = lambda *a: cpu_native._cpu_loop((2, 200_000, 3), a[0], None, *a[1:])
     grads = lambda loop: jax.jit(jax.value_and_grad(
         lambda *a: loss(loop, *a), argnums=(0, 1, 2, 3, 4, 5), has_aux=True))(
         xw, w_hh, w_hr, h0, c0, b)
@@ -119,6 +119,49 @@ def test_projection_matches_scan_forward_and_gradients(steps, batch, hidden, pro
     assert got_out[0].shape == (steps, batch, proj) and got_out[1].shape == (batch, proj)
     _assert_close_trees(got_out, want_out, 2e-6)
     _assert_close_trees(got_grads, want_grads, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "steps,batch,inputs,hidden,proj,lengths,bias",
+    [
+        (6, 3, 5, 5, None, False, True),      # tails everywhere, one thread, dx by XLA
+        (9, 17, 24, 16, None, True, False),   # dx in the kernel; row blocks, masks, no bias
+        (12, 16, 40, 128, None, True, True),  # a team; input columns split 24 + 16
+        (10, 16, 20, 136, 40, True, True),    # a team with a projection
+    ],
+    ids=["tails", "rows-mask-nobias", "team", "team-proj"],
+)
+def test_layer_with_the_input_product_inside_matches_scan(steps, batch, inputs, hidden, proj,
+                                                          lengths, bias):
+    # cpu_layer forms x_t @ w_ih in the loop and dx = dz @ w_ih^T in the backward loop.
+    if proj is None:
+        xw, w_hh, h0, c0, mask, b = _problem(steps, batch, hidden, lengths=lengths, bias=bias)
+        w_hr = None
+    else:
+        xw, w_hh, w_hr, h0, c0, mask, b = _projected(steps, batch, hidden, proj,
+                                                     lengths=lengths)
+    k = jax.random.split(jax.random.key(7), 2)
+    x = jax.random.normal(k[0], (steps, batch, inputs))
+    w_ih = jax.random.normal(k[1], (inputs, 4 * hidden)) / np.sqrt(inputs)
+
+    def loss(loop, x, w_ih, w_hh, w_hr, h0, c0, b):
+        ys, (h, c) = loop(x, w_ih, w_hh, w_hr, h0, c0, mask, b)
+        weights = jnp.sin(jnp.arange(ys.size, dtype=jnp.float32)).reshape(ys.shape)
+        return jnp.sum(ys * weights) + jnp.sum(h * h) + 0.7 * jnp.sum(jnp.cos(c)), (ys, h, c)
+
+    # The caller runs 3 steps alone, then the helpers join (in the team cases).
+    kernel = lambda x, w_ih, *a: cpu_native._cpu_loop((2, 200_000, 3), x, w_ih, *a)
+    scan = lambda x, w_ih, *a: _scan(jnp.einsum("tbd,dg->tbg", x, w_ih, precision="highest"),
+                                     *a)
+    args = (x, w_ih, w_hh, w_hr, h0, c0, b)
+    grads = lambda loop: jax.jit(jax.value_and_grad(
+        lambda *a: loss(loop, *a), argnums=tuple(range(7)), has_aux=True))(*args)
+    (_, got_out), got_grads = grads(kernel)
+    (_, want_out), want_grads = grads(scan)
+    _assert_close_trees(got_out, want_out, 2e-6)
+    _assert_close_trees(got_grads, want_grads, 1e-5)
+    # The public entry point (below batch 4 it forms x @ w_ih before the loop).
+    _assert_close_trees(cpu_layer(x, w_ih, w_hh, w_hr, h0, c0, mask, b), want_out, 2e-6)
 
 
 def test_masked_steps_carry_the_state_and_output_zero():
@@ -141,7 +184,7 @@ def test_threads_do_not_change_a_bit(join_step):
     one_out, one_grads = _outputs_and_grads(
         lambda *a: cpu_recurrence(*a, threads=1), *problem)
     many_out, many_grads = _outputs_and_grads(
-        lambda *a: cpu_native._cpu_recurrence((4, 200_000, join_step), *a), *problem)
+        lambda *a: cpu_native._cpu_loop((4, 200_000, join_step), a[0], None, *a[1:]), *problem)
     for a, b in zip(jax.tree.leaves((one_out, one_grads)), jax.tree.leaves((many_out, many_grads))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -340,17 +383,23 @@ def test_the_kernel_checks_every_buffer_shape():
     f32 = jnp.float32
     results = [jax.ShapeDtypeStruct(s, f32) for s in ((5, 4, 8), (4, 8), (4, 8))]
     call = jax.ffi.ffi_call("lstm_jax_cpu_infer_forward", results)
-    # xw, bias, w_hh, w_hr (a placeholder without a projection), h0, c0, mask
-    args = [jnp.zeros((5, 4, 32)), jnp.zeros(32), jnp.zeros((8, 32)), jnp.zeros((1, 1)),
-            jnp.zeros((1, 8)), jnp.zeros((4, 8)), jnp.ones((1, 1), bool)]
-    flags = dict(threads=1, grace_us=0, join_step=0, has_mask=False, has_proj=False)
+    # xw, bias, w_ih and w_hr (placeholders without the input product and a projection),
+    # w_hh, h0, c0, mask
+    args = [jnp.zeros((5, 4, 32)), jnp.zeros(32), jnp.zeros((1, 1)), jnp.zeros((8, 32)),
+            jnp.zeros((1, 1)), jnp.zeros((1, 8)), jnp.zeros((4, 8)), jnp.ones((1, 1), bool)]
+    flags = dict(threads=1, grace_us=0, join_step=0, has_mask=False, has_proj=False,
+                 has_input=False)
     with pytest.raises(Exception, match=r"h0 has shape \(1, 8\), expected \(4, 8\)"):
         jax.block_until_ready(call(*args, **flags))
-    args[4] = jnp.zeros((4, 8))
+    args[5] = jnp.zeros((4, 8))
     with pytest.raises(Exception, match=r"mask has shape \(1, 1\), expected \(5, 4\)"):
         jax.block_until_ready(call(*args, **(flags | dict(has_mask=True))))
     with pytest.raises(Exception, match=r"w_hr has shape \(1, 1\), expected \(8, 8\)"):
         jax.block_until_ready(call(*args, **(flags | dict(has_proj=True))))
+    # With the input product inside, the first buffer is x (T, B, D) and w_ih is (D, 4H).
+    x_args = [jnp.zeros((5, 4, 3))] + args[1:]
+    with pytest.raises(Exception, match=r"w_ih has shape \(1, 1\), expected \(3, 32\)"):
+        jax.block_until_ready(call(*x_args, **(flags | dict(has_input=True))))
     ys, h, c = call(*args, **flags)
     assert ys.shape == (5, 4, 8) and np.all(np.asarray(ys) == 0)  # zero weights, zero state
 

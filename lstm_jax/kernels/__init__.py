@@ -5,7 +5,8 @@
 * :func:`cudnn_lstm`: the whole stack through ``jax.experimental.rnn`` (cuDNN; GPU, float32,
   no projection).
 * :func:`cpu_recurrence`: a C++ kernel for one layer's time loop on CPU through XLA's FFI,
-  compiled on first use with the host's compiler, same contract as the scan recurrence.
+  compiled on first use with the host's compiler, same contract as the scan recurrence;
+  :func:`cpu_layer` the same with the input product inside (what ``backend="cpu"`` runs).
 * :func:`choose_backend`: picks ``"scan"``, ``"pallas"``, ``"cudnn"`` or ``"cpu"`` per
   platform and shape (:data:`BACKENDS` names them); :func:`pallas_product` picks the Pallas
   kernel's tensor-core (``"mma"``) or register (``"fma"``) products.
@@ -13,6 +14,7 @@
   :func:`to_cudnn_weights` converts parameters to cuDNN's flat layout.
 """
 
+from lstm_jax.kernels.cpu_native import cpu_layer as cpu_layer
 from lstm_jax.kernels.cpu_native import cpu_recurrence as cpu_recurrence
 from lstm_jax.kernels.cudnn import cudnn_lstm as cudnn_lstm
 from lstm_jax.kernels.cudnn import to_cudnn_weights as to_cudnn_weights
@@ -25,6 +27,7 @@ from lstm_jax.kernels.select import pallas_product as pallas_product
 __all__ = [
     "BACKENDS",
     "choose_backend",
+    "cpu_layer",
     "cpu_recurrence",
     "cudnn_lstm",
     "fits_on_chip",

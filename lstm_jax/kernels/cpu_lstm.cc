@@ -126,31 +126,45 @@ constexpr int kAccumulators = 8;
 #endif
 
 // z[r, c0 : c0 + L V] += a[r, :K] @ panel[:K, c0 : c0 + L V] for R rows, the R * V
-// accumulators (L-float vectors) held in registers across the whole K loop.
-template <int L, int R, int V>
+// accumulators (L-float vectors) held in registers across the whole K loop. With S > 1 each
+// accumulator is split into S partial sums over k mod S, so that a narrow block (one or two
+// rows of an 8-column panel) is not bound by the latency of a single chain of
+// multiply-adds.
+template <int L, int R, int V, int S = 1>
 inline void panel_block(const float* a, int64_t lda, const float* panel, int64_t width,
                         int64_t c0, int64_t K, float* z, int64_t ldz) {
-  vec<L> acc[R][V];
+  vec<L> acc[S][R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = load<L>(z + r * ldz + c0 + L * v);
-  const float* w = panel + c0;
-  for (int64_t k = 0; k < K; ++k, w += width) {
-    vec<L> wv[V];
     for (int v = 0; v < V; ++v) {
-      wv[v] = load<L>(w + L * v);
-      // Keep the weight in a register: folded into each row's multiply-add instead, it is
-      // loaded R times and the loads, not the multiply-adds, bound the loop.
+      acc[0][r][v] = load<L>(z + r * ldz + c0 + L * v);
+      for (int s = 1; s < S; ++s) acc[s][r][v] = vec<L>{};
+    }
+  const float* w = panel + c0;
+  int64_t k = 0;
+  for (; k + S <= K; k += S, w += S * width)
+    for (int s = 0; s < S; ++s) {
+      vec<L> wv[V];
+      for (int v = 0; v < V; ++v) {
+        wv[v] = load<L>(w + s * width + L * v);
+        // Keep the weight in a register: folded into each row's multiply-add instead, it
+        // is loaded R times and the loads, not the multiply-adds, bound the loop.
 #if defined(__x86_64__)
-      asm("" : "+v"(wv[v]));
+        asm("" : "+v"(wv[v]));
 #endif
+      }
+      for (int r = 0; r < R; ++r) {
+        const vec<L> ar = a[r * lda + k + s] - vec<L>{};  // broadcast (x - 0 is x, even -0)
+        for (int v = 0; v < V; ++v) acc[s][r][v] += ar * wv[v];
+      }
     }
-    for (int r = 0; r < R; ++r) {
-      const vec<L> ar = a[r * lda + k] - vec<L>{};  // broadcast (x - 0 is x, even -0)
-      for (int v = 0; v < V; ++v) acc[r][v] += ar * wv[v];
-    }
-  }
+  for (; k < K; ++k, w += width)
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) acc[0][r][v] += (a[r * lda + k] - vec<L>{}) * load<L>(w + L * v);
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) store<L>(z + r * ldz + c0 + L * v, acc[r][v]);
+    for (int v = 0; v < V; ++v) {
+      for (int s = 1; s < S; ++s) acc[0][r][v] += acc[s][r][v];
+      store<L>(z + r * ldz + c0 + L * v, acc[0][r][v]);
+    }
 }
 
 // One panel for R rows: split into column blocks of L V floats with R * V <= kAccumulators.
@@ -165,7 +179,7 @@ inline void panel_rows(const float* a, int64_t lda, const float* panel, int64_t 
     for (int64_t c0 = 0; c0 < kPanel; c0 += L * V)
       panel_block<L, R, V>(a, lda, panel, width, c0, K, z, ldz);
   } else if (width == 8) {
-    panel_block<8, R, 1>(a, lda, panel, width, 0, K, z, ldz);
+    panel_block<8, R, 1, (R < 4 ? 4 / R : 1)>(a, lda, panel, width, 0, K, z, ldz);
   } else {
     for (int r = 0; r < R; ++r)
       for (int64_t c = 0; c < width; ++c) {
@@ -240,8 +254,10 @@ inline void cell_update_grad_row(const float* __restrict gi, const float* __rest
 
 // `out` is the size of the state h fed back and emitted: the projection size P with a
 // projection (h_t = r_t @ W_hr, Sak et al. 2014), else H.
+// `input` is the size D of the layer input x when the kernel forms x_t @ W_ih itself (0 when
+// it is given xw = x @ W_ih instead).
 struct Dims {
-  int64_t problems = 1, steps = 0, batch = 0, hidden = 0, out = 0;
+  int64_t problems = 1, steps = 0, batch = 0, hidden = 0, out = 0, input = 0;
   bool projection = false;
 };
 
@@ -337,7 +353,8 @@ inline void scatter_gates(const float* packed, int64_t H, const Part& part, floa
 using KeepGoing = std::function<bool(int64_t)>;
 
 struct ForwardArgs {
-  const float *xw, *bias, *w, *w_hr, *h0, *c0;  // w: (P, 4H); w_hr: (H, P) or null
+  // xw: (T, B, 4H), or null with x: (T, B, D) and w_ih: (D, 4H); w: (P, 4H); w_hr: (H, P)
+  const float *xw, *x, *w_ih, *bias, *w, *w_hr, *h0, *c0;
   const bool* mask;
   float *ys, *h_out, *c_out, *acts, *c_prev;
 };
@@ -350,7 +367,8 @@ struct ForwardArgs {
 class ForwardRun {
  public:
   ForwardRun(const Dims& d, const ForwardArgs& a, int64_t parts)
-      : d_(d), a_(a), parts_(parts), w_(d.out * 4 * d.hidden), bias_(4 * d.hidden),
+      : d_(d), a_(a), parts_(parts), w_(d.out * 4 * d.hidden), w_ih_(d.input * 4 * d.hidden),
+        bias_(4 * d.hidden),
         c_(a.c0, a.c0 + d.batch * d.hidden), h_(2 * d.batch * d.out),
         r_(d.projection ? d.batch * d.hidden : 0), w_hr_(d.projection ? d.hidden * d.out : 0) {
     const int64_t H = d.hidden, G = 4 * H, P = d.out;
@@ -361,6 +379,12 @@ class ForwardRun {
       own.resize(P * g);
       for (int64_t k = 0; k < P; ++k) gather_gates(a.w + k * G, H, u, own.data() + k * g);
       pack_panels(own.data(), g, g, P, w_.data() + P * 4 * u.u0);
+      if (d.input > 0) {
+        own.resize(d.input * g);
+        for (int64_t k = 0; k < d.input; ++k)
+          gather_gates(a.w_ih + k * G, H, u, own.data() + k * g);
+        pack_panels(own.data(), g, g, d.input, w_ih_.data() + d.input * 4 * u.u0);
+      }
       gather_gates(a.bias, H, u, bias_.data() + 4 * u.u0);
       if (d.projection) {
         const Part o = unit_part(P, parts, i);
@@ -407,17 +431,26 @@ class ForwardRun {
   }
 
  private:
-  // Step t of the units u: z = xw_t + b + h_{t-1} @ W_hh, the gates, c_t and h_t (or r_t).
+  // Step t of the units u: z = xw_t + b + h_{t-1} @ W_hh (xw_t = x_t @ W_ih, formed here
+  // when the kernel has x), the gates, c_t and h_t (or r_t).
   void step_part(int64_t t, const Part& u, const float* h, float* h_next, const float* h_own,
                  float* z) {
-    const int64_t H = d_.hidden, G = 4 * H, B = d_.batch, P = d_.out, n = u.width(), g = 4 * n;
+    const int64_t H = d_.hidden, G = 4 * H, B = d_.batch, P = d_.out, D = d_.input,
+                  n = u.width(), g = 4 * n;
     const float* bias = bias_.data() + 4 * u.u0;
-    for (int64_t b = 0; b < B; ++b) {
-      float* zr = z + b * g;
-      gather_gates(a_.xw + (t * B + b) * G, H, u, zr);
-      for (int64_t j = 0; j < g; ++j) zr[j] += bias[j];
+    if (D > 0) {
+      for (int64_t b = 0; b < B; ++b) copy_floats(z + b * g, bias, g);
+      product(a_.x + t * B * D, D, w_ih_.data() + D * 4 * u.u0, g, D, z, g, B);
+      if (t + 1 < d_.steps)
+        for (int64_t j = 0; j < B * D; j += 16) __builtin_prefetch(a_.x + (t + 1) * B * D + j, 0, 2);
+    } else {
+      for (int64_t b = 0; b < B; ++b) {
+        float* zr = z + b * g;
+        gather_gates(a_.xw + (t * B + b) * G, H, u, zr);
+        for (int64_t j = 0; j < g; ++j) zr[j] += bias[j];
+      }
+      if (t + 1 < d_.steps) prefetch_rows(a_.xw, (t + 1) * B, B, G, H, u, true);
     }
-    if (t + 1 < d_.steps) prefetch_rows(a_.xw, (t + 1) * B, B, G, H, u, true);
     product(h_own, P, w_.data() + P * 4 * u.u0, g, P, z, g, B);
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = t * B + b;
@@ -469,7 +502,7 @@ class ForwardRun {
   const Dims d_;
   const ForwardArgs a_;
   const int64_t parts_;
-  std::vector<float> w_, bias_;  // W_hh's gate columns and b, part by part
+  std::vector<float> w_, w_ih_, bias_;  // W_hh's and W_ih's gate columns and b, part by part
   std::vector<float> c_;         // (B, H) cell state
   std::vector<float> h_;         // (2, B, P): h_{t-1} and h_t, alternating
   std::vector<float> r_;         // (B, H): o * tanh(c_t) of all units, with a projection
@@ -477,9 +510,10 @@ class ForwardRun {
 };
 
 struct BackwardArgs {
-  const float *w, *w_hr, *acts, *c_prev, *dys, *dh_in, *dc_in;
+  const float *w_ih, *w, *w_hr, *acts, *c_prev, *dys, *dh_in, *dc_in;  // w_ih: (D, 4H) or null
   const bool* mask;
   float *dz, *dh_out, *dc_out;
+  float* dx;  // (T, B, D): dz_t @ W_ih^T, when the kernel has w_ih
   float* dh_total;  // (T, B, P): dh_t + dy_t at valid steps, for dW_hr (with a projection)
 };
 
@@ -491,7 +525,7 @@ struct BackwardArgs {
 class BackwardRun {
  public:
   BackwardRun(const Dims& d, const BackwardArgs& a, int64_t parts)
-      : d_(d), a_(a), parts_(parts), w_t_(4 * d.hidden * d.out),
+      : d_(d), a_(a), parts_(parts), w_t_(4 * d.hidden * d.out), w_ih_t_(4 * d.hidden * d.input),
         hr_t_(d.projection ? d.out * d.hidden : 0), dh_(a.dh_in, a.dh_in + d.batch * d.out),
         dc_(a.dc_in, a.dc_in + d.batch * d.hidden), dht_(d.projection ? d.batch * d.out : 0) {
     const int64_t H = d.hidden, G = 4 * H, P = d.out;
@@ -505,6 +539,14 @@ class BackwardRun {
       for (int64_t u = 0; u < np; ++u)
         for (int64_t j = 0; j < G; ++j) t[j * np + u] = a.w[(o.u0 + u) * G + j];
       pack_panels(t.data(), np, np, G, w_t_.data() + G * o.u0);
+      if (d.input > 0) {  // W_ih^T restricted to the part's input columns: (4H, nd)
+        const Part x = unit_part(d.input, parts, i);
+        const int64_t nd = x.width();
+        t.resize(G * nd);
+        for (int64_t c = 0; c < nd; ++c)
+          for (int64_t j = 0; j < G; ++j) t[j * nd + c] = a.w_ih[(x.u0 + c) * G + j];
+        pack_panels(t.data(), nd, nd, G, w_ih_t_.data() + G * x.u0);
+      }
       if (d.projection) {  // W_hr^T restricted to the part's units: (P, n)
         const Part u = unit_part(H, parts, i);
         const int64_t n = u.width();
@@ -559,6 +601,12 @@ class BackwardRun {
         for (int64_t b = 0; b < B; ++b)
           if (a_.mask == nullptr || a_.mask[t * B + b])
             copy_floats(dh_.data() + b * P + o.u0, dh_next.data() + b * np, np);
+        if (d_.input > 0) {  // dx_t[:, x] = dz_t @ W_ih^T[:, x] for the part's input columns
+          const Part x = unit_part(d_.input, parts_, p);
+          float* dx = a_.dx + t * B * d_.input + x.u0;
+          for (int64_t b = 0; b < B; ++b) std::fill(dx + b * d_.input, dx + b * d_.input + x.width(), 0.0f);
+          product(dz_own.data(), G, w_ih_t_.data() + G * x.u0, x.width(), G, dx, d_.input, B);
+        }
       }
     }
     return true;
@@ -612,7 +660,7 @@ class BackwardRun {
   const Dims d_;
   const BackwardArgs a_;
   const int64_t parts_;
-  std::vector<float> w_t_, hr_t_;  // W_hh^T and W_hr^T, packed part by part
+  std::vector<float> w_t_, w_ih_t_, hr_t_;  // W_hh^T, W_ih^T and W_hr^T, part by part
   std::vector<float> dh_, dc_;     // (B, P) and (B, H): the carried gradients
   std::vector<float> dht_;         // (B, P): this step's dh_t + dy_t (with a projection)
 };
@@ -768,31 +816,35 @@ bool run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, int64_t gr
   return true;
 }
 
-// The problem's sizes from xw (..., T, B, 4H), and every other buffer checked against them:
-// a mis-shaped buffer would otherwise be read or written out of bounds.
+// The problem's sizes from its first buffer (xw (..., T, B, 4H), or the layer input x
+// (..., T, B, D) with the input product inside) and w_hh (..., P, 4H), and every other buffer
+// checked against them: a mis-shaped buffer would otherwise be read or written out of bounds.
 class ShapeCheck {
  public:
-  // Sizes from xw (..., T, B, 4H) and w_hh (..., P, 4H); P = H without a projection.
-  ShapeCheck(const char* call, ffi::AnyBuffer::Dimensions xw, ffi::AnyBuffer::Dimensions w_hh,
-             bool projection)
+  ShapeCheck(const char* call, ffi::AnyBuffer::Dimensions first,
+             ffi::AnyBuffer::Dimensions w_hh, bool projection, bool input)
       : call_(call) {
-    const size_t n = xw.size();
-    if (n < 3 || xw[n - 1] % 4 != 0 || w_hh.size() != n - 1) {
-      error_ = "xw must be (..., T, B, 4H) and w_hh (..., P, 4H)";
+    const size_t n = first.size();
+    if (n < 3 || w_hh.size() != n - 1 || w_hh[n - 2] % 4 != 0 ||
+        (!input && first[n - 1] != w_hh[n - 2])) {
+      error_ = input ? "x must be (..., T, B, D) and w_hh (..., P, 4H)"
+                     : "xw must be (..., T, B, 4H) and w_hh (..., P, 4H)";
       return;
     }
-    lead_.assign(xw.begin(), xw.end() - 3);
-    d.steps = xw[n - 3];
-    d.batch = xw[n - 2];
-    d.hidden = xw[n - 1] / 4;
+    lead_.assign(first.begin(), first.end() - 3);
+    d.steps = first[n - 3];
+    d.batch = first[n - 2];
+    d.hidden = w_hh[n - 2] / 4;
     d.out = projection ? w_hh[n - 3] : d.hidden;
+    d.input = input ? first[n - 1] : 0;
     d.projection = projection;
     d.problems = 1;
     for (int64_t v : lead_) d.problems *= v;
   }
 
   // Checks that `dims` are the leading problem dimensions followed by `tail`.
-  void expect(const char* name, ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> tail) {
+  void expect(const char* name, ffi::AnyBuffer::Dimensions dims,
+              std::initializer_list<int64_t> tail) {
     if (!error_.empty()) return;
     std::vector<int64_t> want(lead_), got(dims.begin(), dims.end());
     want.insert(want.end(), tail);
@@ -825,79 +877,89 @@ ffi::Error failed(const char* call) {
                               "): a thread failed (out of memory?)");
 }
 
-ffi::Error Forward(ffi::ThreadPool& pool, int64_t threads, int64_t grace_us, int64_t join_step, bool has_mask,
-                   bool has_proj, ffi::Buffer<ffi::F32> xw, ffi::Buffer<ffi::F32> bias,
-                   ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> w_hr,
-                   ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                   ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> ys,
-                   ffi::ResultBuffer<ffi::F32> h_n, ffi::ResultBuffer<ffi::F32> c_n,
-                   float* acts, float* c_prev) {
-  ShapeCheck check("forward", xw.dimensions(), w_hh.dimensions(), has_proj);
+// Every call's attributes: how to thread it and which optional buffers it has.
+struct Flags {
+  int64_t threads, grace_us, join_step;
+  bool has_mask, has_proj, has_input;
+};
+
+using F32 = ffi::Buffer<ffi::F32>;
+using Out = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error Forward(ffi::ThreadPool& pool, const Flags& f, F32 first, F32 bias, F32 w_ih,
+                   F32 w_hh, F32 w_hr, F32 h0, F32 c0, ffi::Buffer<ffi::PRED> mask, Out ys,
+                   Out h_n, Out c_n, Out* acts, Out* c_prev) {
+  ShapeCheck check("forward", first.dimensions(), w_hh.dimensions(), f.has_proj, f.has_input);
   const Dims& d = check.d;
-  const int64_t H = d.hidden, G = 4 * H, B = d.batch, T = d.steps, P = d.out, TB = T * B;
+  const int64_t H = d.hidden, G = 4 * H, B = d.batch, T = d.steps, P = d.out, D = d.input,
+                TB = T * B;
   check.expect("bias", bias.dimensions(), {G});
+  if (f.has_input) check.expect("w_ih", w_ih.dimensions(), {D, G});
   check.expect("w_hh", w_hh.dimensions(), {P, G});
-  if (has_proj) check.expect("w_hr", w_hr.dimensions(), {H, P});
+  if (f.has_proj) check.expect("w_hr", w_hr.dimensions(), {H, P});
   check.expect("h0", h0.dimensions(), {B, P});
   check.expect("c0", c0.dimensions(), {B, H});
-  if (has_mask) check.expect("mask", mask.dimensions(), {T, B});
+  if (f.has_mask) check.expect("mask", mask.dimensions(), {T, B});
   check.expect("ys", ys->dimensions(), {T, B, P});
   check.expect("h_n", h_n->dimensions(), {B, P});
   check.expect("c_n", c_n->dimensions(), {B, H});
+  if (acts != nullptr) {
+    check.expect("acts", (*acts)->dimensions(), {T, B, G});
+    check.expect("c_prev", (*c_prev)->dimensions(), {T, B, H});
+  }
   if (auto err = check.result(); !err.success()) return err;
-  const bool* m = has_mask ? mask.typed_data() : nullptr;
+  const bool* m = f.has_mask ? mask.typed_data() : nullptr;
   const bool ok = run_teams<ForwardRun>(
-      d, threads, pool, grace_us, join_step, [&](int64_t p, int64_t parts) {
-        ForwardArgs a{xw.typed_data() + p * TB * G, bias.typed_data() + p * G,
-                      w_hh.typed_data() + p * P * G,
-                      has_proj ? w_hr.typed_data() + p * H * P : nullptr,
+      d, f.threads, pool, f.grace_us, f.join_step, [&](int64_t p, int64_t parts) {
+        const float* in = first.typed_data() + p * TB * (f.has_input ? D : G);
+        ForwardArgs a{f.has_input ? nullptr : in, f.has_input ? in : nullptr,
+                      f.has_input ? w_ih.typed_data() + p * D * G : nullptr,
+                      bias.typed_data() + p * G, w_hh.typed_data() + p * P * G,
+                      f.has_proj ? w_hr.typed_data() + p * H * P : nullptr,
                       h0.typed_data() + p * B * P, c0.typed_data() + p * B * H,
                       m == nullptr ? nullptr : m + p * TB, ys->typed_data() + p * TB * P,
                       h_n->typed_data() + p * B * P, c_n->typed_data() + p * B * H,
-                      acts == nullptr ? nullptr : acts + p * TB * G,
-                      c_prev == nullptr ? nullptr : c_prev + p * TB * H};
+                      acts == nullptr ? nullptr : (*acts)->typed_data() + p * TB * G,
+                      c_prev == nullptr ? nullptr : (*c_prev)->typed_data() + p * TB * H};
         return std::make_unique<ForwardRun>(d, a, parts);
       });
   return ok ? ffi::Error::Success() : failed("forward");
 }
 
-ffi::Error TrainForwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us, int64_t join_step,
-                            bool has_mask, bool has_proj, ffi::Buffer<ffi::F32> xw,
-                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_hh,
-                            ffi::Buffer<ffi::F32> w_hr, ffi::Buffer<ffi::F32> h0,
-                            ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
-                            ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_n,
-                            ffi::ResultBuffer<ffi::F32> c_n, ffi::ResultBuffer<ffi::F32> acts,
-                            ffi::ResultBuffer<ffi::F32> c_prev) {
-  ShapeCheck check("forward", xw.dimensions(), w_hh.dimensions(), has_proj);
-  check.expect("acts", acts->dimensions(), {check.d.steps, check.d.batch, 4 * check.d.hidden});
-  check.expect("c_prev", c_prev->dimensions(), {check.d.steps, check.d.batch, check.d.hidden});
-  if (auto err = check.result(); !err.success()) return err;
-  return Forward(pool, threads, grace_us, join_step, has_mask, has_proj, xw, bias, w_hh, w_hr, h0, c0, mask,
-                 ys, h_n, c_n, acts->typed_data(), c_prev->typed_data());
+ffi::Error TrainForwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
+                            int64_t join_step, bool has_mask, bool has_proj, bool has_input,
+                            F32 first, F32 bias, F32 w_ih, F32 w_hh, F32 w_hr, F32 h0, F32 c0,
+                            ffi::Buffer<ffi::PRED> mask, Out ys, Out h_n, Out c_n, Out acts,
+                            Out c_prev) {
+  const Flags f{threads, grace_us, join_step, has_mask, has_proj, has_input};
+  return Forward(pool, f, first, bias, w_ih, w_hh, w_hr, h0, c0, mask, ys, h_n, c_n, &acts,
+                 &c_prev);
 }
 
-ffi::Error InferForwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us, int64_t join_step,
-                            bool has_mask, bool has_proj, ffi::Buffer<ffi::F32> xw,
-                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_hh,
-                            ffi::Buffer<ffi::F32> w_hr, ffi::Buffer<ffi::F32> h0,
-                            ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> mask,
-                            ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> h_n,
-                            ffi::ResultBuffer<ffi::F32> c_n) {
-  return Forward(pool, threads, grace_us, join_step, has_mask, has_proj, xw, bias, w_hh, w_hr, h0, c0, mask,
-                 ys, h_n, c_n, nullptr, nullptr);
+ffi::Error InferForwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
+                            int64_t join_step, bool has_mask, bool has_proj, bool has_input,
+                            F32 first, F32 bias, F32 w_ih, F32 w_hh, F32 w_hr, F32 h0, F32 c0,
+                            ffi::Buffer<ffi::PRED> mask, Out ys, Out h_n, Out c_n) {
+  const Flags f{threads, grace_us, join_step, has_mask, has_proj, has_input};
+  return Forward(pool, f, first, bias, w_ih, w_hh, w_hr, h0, c0, mask, ys, h_n, c_n, nullptr,
+                 nullptr);
 }
 
-ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us, int64_t join_step, bool has_mask,
-                        bool has_proj, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> w_hr,
-                        ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> c_prev,
-                        ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dh_n,
-                        ffi::Buffer<ffi::F32> dc_n, ffi::Buffer<ffi::PRED> mask,
-                        ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dh0,
-                        ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dh_total) {
-  ShapeCheck check("backward", acts.dimensions(), w_hh.dimensions(), has_proj);
-  const Dims& d = check.d;
-  const int64_t H = d.hidden, G = 4 * H, B = d.batch, T = d.steps, P = d.out, TB = T * B;
+ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
+                        int64_t join_step, bool has_mask, bool has_proj, bool has_input,
+                        F32 w_ih, F32 w_hh, F32 w_hr, F32 acts, F32 c_prev, F32 dys, F32 dh_n,
+                        F32 dc_n, ffi::Buffer<ffi::PRED> mask, Out dz, Out dh0, Out dc0,
+                        Out dh_total, Out dx) {
+  ShapeCheck check("backward", acts.dimensions(), w_hh.dimensions(), has_proj, false);
+  Dims d = check.d;
+  const size_t n = acts.dimensions().size();
+  if (has_input) d.input = w_ih.dimensions().size() == n - 1 ? w_ih.dimensions()[n - 3] : -1;
+  const int64_t H = d.hidden, G = 4 * H, B = d.batch, T = d.steps, P = d.out, D = d.input,
+                TB = T * B;
+  if (has_input) {
+    check.expect("w_ih", w_ih.dimensions(), {D, G});
+    check.expect("dx", dx->dimensions(), {T, B, D});
+  }
   check.expect("w_hh", w_hh.dimensions(), {P, G});
   if (has_proj) check.expect("w_hr", w_hr.dimensions(), {H, P});
   check.expect("c_prev", c_prev.dimensions(), {T, B, H});
@@ -913,13 +975,15 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
   const bool* m = has_mask ? mask.typed_data() : nullptr;
   const bool ok = run_teams<BackwardRun>(
       d, threads, pool, grace_us, join_step, [&](int64_t p, int64_t parts) {
-        BackwardArgs a{w_hh.typed_data() + p * P * G,
+        BackwardArgs a{has_input ? w_ih.typed_data() + p * D * G : nullptr,
+                       w_hh.typed_data() + p * P * G,
                        has_proj ? w_hr.typed_data() + p * H * P : nullptr,
                        acts.typed_data() + p * TB * G, c_prev.typed_data() + p * TB * H,
                        dys.typed_data() + p * TB * P, dh_n.typed_data() + p * B * P,
                        dc_n.typed_data() + p * B * H, m == nullptr ? nullptr : m + p * TB,
                        dz->typed_data() + p * TB * G, dh0->typed_data() + p * B * P,
                        dc0->typed_data() + p * B * H,
+                       has_input ? dx->typed_data() + p * TB * D : nullptr,
                        has_proj ? dh_total->typed_data() + p * TB * P : nullptr};
         return std::make_unique<BackwardRun>(d, a, parts);
       });
@@ -938,44 +1002,50 @@ auto bind_common() {
       .Attr<int64_t>("grace_us")
       .Attr<int64_t>("join_step")
       .Attr<bool>("has_mask")
-      .Attr<bool>("has_proj");
+      .Attr<bool>("has_proj")
+      .Attr<bool>("has_input");
 }
 
-// Both forward calls: their arguments and the three results they share.
+// Both forward calls: their arguments and the three results they share. With has_input
+// the first argument is the layer input x and w_ih is used; without, it is xw and w_ih is
+// a placeholder (as w_hr is without a projection and mask without has_mask).
 auto bind_forward() {
   return bind_common()
-      .Arg<ffi::Buffer<ffi::F32>>()   // xw
-      .Arg<ffi::Buffer<ffi::F32>>()   // bias
-      .Arg<ffi::Buffer<ffi::F32>>()   // w_hh
-      .Arg<ffi::Buffer<ffi::F32>>()   // w_hr
-      .Arg<ffi::Buffer<ffi::F32>>()   // h0
-      .Arg<ffi::Buffer<ffi::F32>>()   // c0
+      .Arg<F32>()                     // xw, or x
+      .Arg<F32>()                     // bias
+      .Arg<F32>()                     // w_ih
+      .Arg<F32>()                     // w_hh
+      .Arg<F32>()                     // w_hr
+      .Arg<F32>()                     // h0
+      .Arg<F32>()                     // c0
       .Arg<ffi::Buffer<ffi::PRED>>()  // mask
-      .Ret<ffi::Buffer<ffi::F32>>()   // ys
-      .Ret<ffi::Buffer<ffi::F32>>()   // h_n
-      .Ret<ffi::Buffer<ffi::F32>>();  // c_n
+      .Ret<F32>()                     // ys
+      .Ret<F32>()                     // h_n
+      .Ret<F32>();                    // c_n
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxTrainForward, TrainForwardImpl,
                               bind_forward()
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // acts
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // c_prev
+                                  .Ret<F32>()    // acts
+                                  .Ret<F32>());  // c_prev
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxInferForward, InferForwardImpl, bind_forward());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmJaxBackward, BackwardImpl,
                               bind_common()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hh
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hr
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // acts
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // c_prev
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // dys
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // dh_n
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // dc_n
+                                  .Arg<F32>()                     // w_ih
+                                  .Arg<F32>()                     // w_hh
+                                  .Arg<F32>()                     // w_hr
+                                  .Arg<F32>()                     // acts
+                                  .Arg<F32>()                     // c_prev
+                                  .Arg<F32>()                     // dys
+                                  .Arg<F32>()                     // dh_n
+                                  .Arg<F32>()                     // dc_n
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dz
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dh0
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dc0
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dh_total
+                                  .Ret<F32>()                     // dz
+                                  .Ret<F32>()                     // dh0
+                                  .Ret<F32>()                     // dc0
+                                  .Ret<F32>()                     // dh_total
+                                  .Ret<F32>());                   // dx

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lstm_jax._cell import input_product, matmul, summed_outer
 from lstm_jax._recurrence import _weight_grads
 
 Array = jax.Array
@@ -188,7 +189,7 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _call(name, results, *args, config, has_mask, has_proj, aliases=None):
+def _call(name, results, *args, config, has_mask, has_proj, has_input, aliases=None):
     reason = _load()
     if reason is not None:
         raise RuntimeError(f'backend="cpu" is unavailable: {reason}')
@@ -196,12 +197,13 @@ def _call(name, results, *args, config, has_mask, has_proj, aliases=None):
     return jax.ffi.ffi_call(name, results, vmap_method="broadcast_all",
                             input_output_aliases=aliases)(
         *args, threads=np.int64(threads), grace_us=np.int64(grace_us),
-        join_step=np.int64(join_step), has_mask=bool(has_mask), has_proj=bool(has_proj))
+        join_step=np.int64(join_step), has_mask=bool(has_mask), has_proj=bool(has_proj),
+        has_input=bool(has_input))
 
 
 def _mask_arg(mask):
     # The kernel ignores the buffer when has_mask is false; a (1, 1) placeholder keeps the
-    # call's signature fixed (likewise w_hr without a projection).
+    # call's signature fixed (likewise w_hr without a projection, w_ih without has_input).
     return jnp.ones((1, 1), bool) if mask is None else mask
 
 
@@ -209,66 +211,125 @@ def _bias_arg(b, four_h):
     return jnp.zeros((four_h,), jnp.float32) if b is None else b
 
 
-def _proj_arg(w_hr):
-    return jnp.zeros((1, 1), jnp.float32) if w_hr is None else w_hr
+def _weight_arg(w):
+    return jnp.zeros((1, 1), jnp.float32) if w is None else w
 
 
-def _flags(mask, w_hr):
-    return {"has_mask": mask is not None, "has_proj": w_hr is not None}
+def _flags(mask, w_hr, w_ih):
+    return {"has_mask": mask is not None, "has_proj": w_hr is not None,
+            "has_input": w_ih is not None}
 
 
-def _forward(config, xw, w_hh, w_hr, h0, c0, mask, b, save):
-    steps, batch, four_h = xw.shape
-    hidden, out = four_h // 4, w_hh.shape[0]
+# Smallest batch at which the kernel forms x_t @ W_ih itself, and dx_t = dz_t @ W_ih^T in the
+# backward loop. Below, one XLA product over all steps does it faster: a step's product
+# then has too few rows to pay for streaming W_ih once per step. In-process A/B (2-core
+# benchmark machine, fwd+bwd against the input product outside): batch 1 +10-14% slower
+# inside; batch 4 6% faster (dx inside: 1% slower); batch 16 4-5% faster; batch 32 and
+# 128 2% faster (forward alone 8-22% faster from batch 4 on).
+FUSE_INPUT_MIN_BATCH = 4
+KERNEL_DX_MIN_BATCH = 16
+
+
+def _forward(config, first, w_ih, w_hh, w_hr, h0, c0, mask, b, save):
+    """The forward call: ``first`` is xw (T, B, 4H), or with ``w_ih`` the layer input x."""
+    steps, batch = first.shape[:2]
+    out, four_h = w_hh.shape
+    hidden = four_h // 4
     f32 = jnp.float32
     results = [jax.ShapeDtypeStruct((steps, batch, out), f32),
                jax.ShapeDtypeStruct((batch, out), f32),
                jax.ShapeDtypeStruct((batch, hidden), f32)]
-    args = (xw, _bias_arg(b, four_h), w_hh, _proj_arg(w_hr), h0, c0, _mask_arg(mask))
+    args = (first, _bias_arg(b, four_h), _weight_arg(w_ih), w_hh, _weight_arg(w_hr), h0, c0,
+            _mask_arg(mask))
+    flags = _flags(mask, w_hr, w_ih)
     if not save:
-        return _call("lstm_jax_cpu_infer_forward", results, *args, config=config,
-                     **_flags(mask, w_hr))
-    results += [jax.ShapeDtypeStruct(xw.shape, f32),
+        return _call("lstm_jax_cpu_infer_forward", results, *args, config=config, **flags)
+    results += [jax.ShapeDtypeStruct((steps, batch, four_h), f32),
                 jax.ShapeDtypeStruct((steps, batch, hidden), f32)]
-    # The gate activations are written over xw (each step reads its row before writing it).
+    # Given xw, the gate activations are written over it (each step reads its row before
+    # writing it).
     return _call("lstm_jax_cpu_train_forward", results, *args, config=config,
-                 aliases={0: 3}, **_flags(mask, w_hr))
+                 aliases={0: 3} if w_ih is None else None, **flags)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _cpu_recurrence(config, xw, w_hh, w_hr, h0, c0, mask, b):
-    ys, h, c = _forward(config, xw, w_hh, w_hr, h0, c0, mask, b, save=False)
+def _cpu_loop(config, first, w_ih, w_hh, w_hr, h0, c0, mask, b):
+    ys, h, c = _forward(config, first, w_ih, w_hh, w_hr, h0, c0, mask, b, save=False)
     return ys, (h, c)
 
 
-def _cpu_recurrence_fwd(config, xw, w_hh, w_hr, h0, c0, mask, b):
-    ys, h, c, acts, c_prev = _forward(config, xw, w_hh, w_hr, h0, c0, mask, b, save=True)
-    return (ys, (h, c)), (w_hh, w_hr, h0, mask, b, ys, acts, c_prev)
+def _cpu_loop_fwd(config, first, w_ih, w_hh, w_hr, h0, c0, mask, b):
+    ys, h, c, acts, c_prev = _forward(config, first, w_ih, w_hh, w_hr, h0, c0, mask, b,
+                                      save=True)
+    x = None if w_ih is None else first  # xw itself is not needed
+    return (ys, (h, c)), (x, w_ih, w_hh, w_hr, h0, mask, b, ys, acts, c_prev)
 
 
-def _cpu_recurrence_bwd(config, residuals, cotangents):
-    w_hh, w_hr, h0, mask, b, ys, acts, c_prev = residuals
+def _cpu_loop_bwd(config, residuals, cotangents):
+    x, w_ih, w_hh, w_hr, h0, mask, b, ys, acts, c_prev = residuals
     dys, (dh_n, dc_n) = cotangents
     f32 = jnp.float32
     steps, batch, hidden = c_prev.shape
     out = w_hh.shape[0]
+    # dh_t + dy_t for dW_hr, and dx: placeholders the kernel leaves alone without them.
     results = [jax.ShapeDtypeStruct(acts.shape, f32),
                jax.ShapeDtypeStruct((batch, out), f32),
                jax.ShapeDtypeStruct((batch, hidden), f32),
-               # dh_t + dy_t for dW_hr; a placeholder the kernel leaves alone without one
-               jax.ShapeDtypeStruct((steps, batch, out) if w_hr is not None else (1, 1, 1), f32)]
-    dz, dh0, dc0, dh_total = _call(
-        "lstm_jax_cpu_backward", results, w_hh, _proj_arg(w_hr), acts, c_prev,
-        dys.astype(f32), dh_n.astype(f32), dc_n.astype(f32), _mask_arg(mask), config=config,
-        **_flags(mask, w_hr))
+               jax.ShapeDtypeStruct((steps, batch, out) if w_hr is not None else (1, 1, 1), f32),
+               jax.ShapeDtypeStruct(x.shape if x is not None else (1, 1, 1), f32)]
+    kernel_dx = w_ih is not None and batch >= KERNEL_DX_MIN_BATCH
+    if not kernel_dx:
+        results[-1] = jax.ShapeDtypeStruct((1, 1, 1), f32)
+    dz, dh0, dc0, dh_total, dx = _call(
+        "lstm_jax_cpu_backward", results, _weight_arg(w_ih if kernel_dx else None), w_hh,
+        _weight_arg(w_hr), acts, c_prev, dys.astype(f32), dh_n.astype(f32), dc_n.astype(f32),
+        _mask_arg(mask), config=config, **_flags(mask, w_hr, w_ih if kernel_dx else None))
+    if w_ih is not None and not kernel_dx:
+        dx = matmul(dz, w_ih.T, f32)
     # The scan's after-loop products: dW_hh over h_{t-1} (= y_{t-1} wherever dz is non-zero),
-    # dW_hr over r_t = o * tanh(c_t) recomputed from the activations.
+    # dW_hr over r_t = o * tanh(c_t) recomputed from the activations, dW_ih over x.
     dw_hh, dw_hr = _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, f32, None)
     db = None if b is None else jnp.sum(dz, axis=(0, 1))
-    return dz, dw_hh, dw_hr, dh0, dc0, None, db
+    if w_ih is None:  # the gradient of xw is dz itself
+        return dz, None, dw_hh, dw_hr, dh0, dc0, None, db
+    return dx, summed_outer(x, dz, f32), dw_hh, dw_hr, dh0, dc0, None, db
 
 
-_cpu_recurrence.defvjp(_cpu_recurrence_fwd, _cpu_recurrence_bwd)
+_cpu_loop.defvjp(_cpu_loop_fwd, _cpu_loop_bwd)
+
+
+def _config(threads, helper_wait_us):
+    threads = default_threads() if threads is None else int(threads)
+    wait = 0 if helper_wait_us is None else max(0, int(helper_wait_us))
+    return threads, wait, 0
+
+
+def _check(first, w_ih, w_hh, w_hr, h0, c0, mask, b):
+    """Shapes and dtypes, with the names the caller used."""
+    steps, batch = first.shape[:2]
+    four_h = w_hh.shape[-1] if w_hh.ndim == 2 else -1
+    if four_h % 4 or four_h <= 0:
+        raise ValueError(f"w_hh must have shape (P, 4H), got {w_hh.shape}")
+    hidden = four_h // 4
+    out = hidden if w_hr is None else w_hr.shape[-1]
+    if w_hr is not None and (w_hr.ndim != 2 or w_hr.shape[0] != hidden):
+        raise ValueError(f"w_hr has shape {w_hr.shape}, expected ({hidden}, P)")
+    if w_hh.shape != (out, four_h):
+        raise ValueError(f"w_hh has shape {w_hh.shape}, expected {(out, four_h)}")
+    expected = {"h0": (batch, out), "c0": (batch, hidden), "mask": (steps, batch),
+                "b": (four_h,)}
+    if w_ih is not None:
+        expected["w_ih"] = (first.shape[-1], four_h)
+    for name, a in (("h0", h0), ("c0", c0), ("mask", mask), ("b", b), ("w_ih", w_ih)):
+        if a is not None and a.shape != expected[name]:
+            raise ValueError(f"{name} has shape {a.shape}, expected {expected[name]}")
+    first_name = "xw" if w_ih is None else "x"
+    for name, a in ((first_name, first), ("w_ih", w_ih), ("w_hh", w_hh), ("w_hr", w_hr),
+                    ("h0", h0), ("c0", c0), ("b", b)):
+        if a is not None and a.dtype != jnp.float32:
+            raise ValueError(f"the CPU kernel runs float32 only; {name} has dtype {a.dtype}")
+    if mask is not None and mask.dtype != jnp.bool_:
+        raise ValueError(f"mask must be bool, got dtype {mask.dtype}")
 
 
 def cpu_recurrence(
@@ -329,24 +390,60 @@ def cpu_recurrence(
     del precision
     if xw.ndim != 3 or xw.shape[-1] % 4:
         raise ValueError(f"xw must have shape (T, B, 4H), got {xw.shape}")
-    steps, batch, four_h = xw.shape
-    hidden = four_h // 4
-    out = hidden if w_hr is None else w_hr.shape[-1]
-    if w_hr is not None and (w_hr.ndim != 2 or w_hr.shape[0] != hidden):
-        raise ValueError(f"w_hr has shape {w_hr.shape}, expected ({hidden}, P)")
-    if w_hh.shape != (out, four_h):
-        raise ValueError(f"w_hh has shape {w_hh.shape}, expected {(out, four_h)}")
-    expected = {"h0": (batch, out), "c0": (batch, hidden), "mask": (steps, batch),
-                "b": (four_h,)}
-    for name, a in (("h0", h0), ("c0", c0), ("mask", mask), ("b", b)):
-        if a is not None and a.shape != expected[name]:
-            raise ValueError(f"{name} has shape {a.shape}, expected {expected[name]}")
-    for name, a in (("xw", xw), ("w_hh", w_hh), ("w_hr", w_hr), ("h0", h0), ("c0", c0),
-                    ("b", b)):
-        if a is not None and a.dtype != jnp.float32:
-            raise ValueError(f"the CPU kernel runs float32 only; {name} has dtype {a.dtype}")
-    if mask is not None and mask.dtype != jnp.bool_:
-        raise ValueError(f"mask must be bool, got dtype {mask.dtype}")
-    threads = default_threads() if threads is None else int(threads)
-    wait = 0 if helper_wait_us is None else max(0, int(helper_wait_us))
-    return _cpu_recurrence((threads, wait, 0), xw, w_hh, w_hr, h0, c0, mask, b)
+    if w_hh.ndim != 2 or w_hh.shape[-1] != xw.shape[-1]:
+        raise ValueError(f"w_hh has shape {w_hh.shape}, expected (P, {xw.shape[-1]})")
+    _check(xw, None, w_hh, w_hr, h0, c0, mask, b)
+    return _cpu_loop(_config(threads, helper_wait_us), xw, None, w_hh, w_hr, h0, c0, mask, b)
+
+
+def cpu_layer(
+    x: Array,
+    w_ih: Array,
+    w_hh: Array,
+    w_hr: Array | None,
+    h0: Array,
+    c0: Array,
+    mask: Array | None,
+    b: Array | None = None,
+    *,
+    threads: int | None = None,
+    helper_wait_us: int | None = None,
+    precision=None,
+) -> tuple[Array, tuple[Array, Array]]:
+    """One LSTM layer over time in one C++ call, input product included: ``x: (T, B, D)``.
+
+    :func:`cpu_recurrence` with ``xw = x @ w_ih`` formed inside the loop, step by step, by
+    the same register-blocked products (from batch :data:`FUSE_INPUT_MIN_BATCH` on), and
+    ``dx = dz @ w_ih^T`` inside the backward loop (from batch :data:`KERNEL_DX_MIN_BATCH`):
+    no ``(T, B, 4H)`` array of input products is written and read back, and the products
+    run at the kernel's rate. ``dW_ih = sum_t x_t^T dz_t`` is one product after the loop.
+    At smaller batches one XLA product over all steps forms ``xw`` (or ``dx``) faster.
+    This is what ``lstm(..., backend="cpu")`` runs.
+
+    Args:
+      x: ``(T, B, D)`` float32 layer input (time-major).
+      w_ih: ``(D, 4H)`` float32 input weight.
+      Others as for :func:`cpu_recurrence`.
+
+    Returns:
+      ``(ys: (T, B, P), (h_T: (B, P), c_T: (B, H)))``.
+
+    Example:
+      >>> T, B, D, H = 5, 2, 3, 8
+      >>> x = jnp.ones((T, B, D)); w_ih = jnp.zeros((D, 4 * H)); w = jnp.zeros((H, 4 * H))
+      >>> state = jnp.zeros((B, H))
+      >>> ys, (h, c) = cpu_layer(x, w_ih, w, None, state, state, None)  # doctest: +SKIP
+      >>> ys.shape  # doctest: +SKIP
+      (5, 2, 8)
+    """
+    del precision
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (T, B, D), got {x.shape}")
+    if w_ih.ndim != 2:
+        raise ValueError(f"w_ih must have shape (D, 4H), got {w_ih.shape}")
+    _check(x, w_ih, w_hh, w_hr, h0, c0, mask, b)
+    config = _config(threads, helper_wait_us)
+    if x.shape[1] < FUSE_INPUT_MIN_BATCH:
+        xw = input_product(x, w_ih, jnp.float32)
+        return _cpu_loop(config, xw, None, w_hh, w_hr, h0, c0, mask, b)
+    return _cpu_loop(config, x, w_ih, w_hh, w_hr, h0, c0, mask, b)
