@@ -365,12 +365,15 @@ def test_cache_key_follows_source_compiler_and_cpu(monkeypatch, tmp_path):
 
 
 def test_default_cpu_table_follows_the_measurements():
-    # The kernel measured faster from batch 1 to 128 and H 64 to 1024, but for a tie at
-    # 128 x 512 that stays on the scan.
+    # The kernel measured faster from batch 1 to 128 and H 64 to 1024.
     for batch, hidden in ((1, 64), (1, 128), (4, 128), (8, 256), (16, 128), (32, 256),
-                          (64, 128), (1, 1024), (8, 512)):
+                          (64, 128), (1, 1024), (8, 512), (128, 512)):
         assert choose_backend("auto", platform="cpu", batch=batch, hidden=hidden) == "cpu"
-    assert choose_backend("auto", platform="cpu", batch=128, hidden=512) == "scan"
+    # Where the scan measured faster, it stays (a table with one such shape).
+    table = {(128, 50, 512, 512): {"scan": 1.10, "cpu": 1.12},
+             (8, 100, 64, 256): {"scan": 1.2, "cpu": 0.9}}
+    assert choose_backend("auto", platform="cpu", batch=128, hidden=512, table=table) == "scan"
+    assert choose_backend("auto", platform="cpu", batch=8, hidden=256, table=table) == "cpu"
     # Outside the range where the kernel was measured winning: the scan, whatever the
     # nearest measured shape says.
     assert choose_backend("auto", platform="cpu", batch=1, hidden=2048) == "scan"

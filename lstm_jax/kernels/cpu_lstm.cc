@@ -10,10 +10,13 @@
 //   i, f, o = sigmoid(z_i), sigmoid(z_f), sigmoid(z_o);  g = tanh(z_g)
 //   c_t     = f * c_{t-1} + i * g;   r_t = o * tanh(c_t)
 //   h_t     = r_t, or r_t @ W_hr (H, P) with a projection (proj_size; P = H without one)
+// xw_t = x_t @ W_ih is either given (the caller's product over all steps) or, with
+// has_input, formed here step by step from the layer input x (T, B, D) and W_ih (D, 4H).
 // Where mask[t, b] is false the state is carried unchanged and y_t is zero. The forward
 // pass saves the activated gates (over xw, in place, when XLA aliases the two) and c_{t-1};
-// the backward pass walks time in reverse carrying (dh, dc) and emits dz_t, from which the
-// caller forms the weight gradients as large products after the loop.
+// the backward pass walks time in reverse carrying (dh, dc) and emits dz_t (and, with
+// has_input, dx_t = dz_t @ W_ih^T), from which the caller forms the weight gradients as
+// large products after the loop.
 //
 // Every array may carry leading "problem" dimensions (vmap, both directions of a
 // bidirectional layer): problems are independent for the whole loop and run one per thread
