@@ -223,10 +223,9 @@ def test_cudnn_refuses_off_gpu_and_with_projection():
 def test_auto_is_scan_on_tpu_and_where_nothing_else_applies():
     for batch, hidden in ((1, 64), (16, 128), (256, 1024)):
         assert choose_backend("auto", platform="tpu", batch=batch, hidden=hidden) == "scan"
-    # On CPU the large shapes stay on the scan (its library products win there), and the
-    # C++ kernel never takes what it cannot run.
+    # On CPU shapes above the measured range stay on the scan, and the C++ kernel never
+    # takes what it cannot run.
     assert choose_backend("auto", platform="cpu", batch=256, hidden=1024) == "scan"
-    assert choose_backend("auto", platform="cpu", batch=128, hidden=512) == "scan"
     assert choose_backend("auto", platform="cpu", batch=1, hidden=64,
                           dtype=jnp.bfloat16) == "scan"
 
