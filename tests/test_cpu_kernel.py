@@ -128,8 +128,10 @@ def test_projection_matches_scan_forward_and_gradients(steps, batch, hidden, pro
         (9, 17, 24, 16, None, True, False),   # dx in the kernel; row blocks, masks, no bias
         (12, 16, 40, 128, None, True, True),  # a team; input columns split 24 + 16
         (10, 16, 20, 136, 40, True, True),    # a team with a projection
+        (3, 4, 8, 512, None, True, True),     # H >= 512: dW_ih and dW_hh as one product
+        (3, 5, 8, 512, 24, False, True),      # the same with a projection
     ],
-    ids=["tails", "rows-mask-nobias", "team", "team-proj"],
+    ids=["tails", "rows-mask-nobias", "team", "team-proj", "joint-dw", "joint-dw-proj"],
 )
 def test_layer_with_the_input_product_inside_matches_scan(steps, batch, inputs, hidden, proj,
                                                           lengths, bias):
