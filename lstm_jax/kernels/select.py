@@ -24,10 +24,9 @@ BACKENDS = ("auto", "scan", "pallas", "cudnn", "cpu")
 # steps, input_size, hidden). "cpu" is the C++ kernel (threads split the hidden units of one
 # sequence, or take whole problems; from batch 4 the input product runs inside it), "scan"
 # the lax.scan loop. The first seven rows are from benchmarks/results/cpu-2core.md
-# (2026-11-27 10:21 UTC, the kernel with helpers joining at step boundaries and the input
-# product inside); the rest from runs at 08:44-08:55 UTC with the kernel before those
-# changes, each of which measured as fast or faster in in-process A/B (cpu-notes.md), so
-# the kernel's lead there can only have grown. The kernel won everywhere.
+# (2026-11-27 10:18 UTC), the rest from a run of those two and torch at 10:41 UTC
+# (benchmarks/cpu-notes.md, where 128,50,512,512 read 1.12 / 1.06 and 32,100,128,256
+# 1.30 / 0.97: ratios move by ~5% between runs). The kernel won everywhere.
 MEASURED_CPU: dict[tuple[int, int, int, int], dict[str, float]] = {
     (1, 500, 64, 64): {"scan": 0.78, "cpu": 0.48},
     (1, 1000, 32, 128): {"scan": 0.96, "cpu": 0.54},
@@ -36,15 +35,15 @@ MEASURED_CPU: dict[tuple[int, int, int, int], dict[str, float]] = {
     (16, 500, 128, 128): {"scan": 0.94, "cpu": 0.67},
     (32, 100, 128, 256): {"scan": 1.22, "cpu": 0.92},
     (128, 50, 512, 512): {"scan": 1.15, "cpu": 1.05},
-    (1, 500, 64, 512): {"scan": 0.96, "cpu": 0.80},
-    (8, 200, 128, 512): {"scan": 1.32, "cpu": 1.16},
-    (64, 100, 128, 128): {"scan": 1.45, "cpu": 1.26},
-    (64, 100, 128, 256): {"scan": 1.27, "cpu": 1.09},
-    (128, 100, 128, 128): {"scan": 1.39, "cpu": 1.08},
-    (1, 200, 64, 1024): {"scan": 1.46, "cpu": 0.73},
-    (4, 200, 128, 1024): {"scan": 1.56, "cpu": 0.89},
-    (32, 100, 64, 512): {"scan": 1.19, "cpu": 1.06},  # another run: 1.09 / 1.34 (noise)
-    (64, 100, 64, 512): {"scan": 1.34, "cpu": 1.17},  # configs/charlm.yaml's layer
+    (1, 500, 64, 512): {"scan": 1.02, "cpu": 0.79},
+    (8, 200, 128, 512): {"scan": 1.06, "cpu": 0.91},
+    (64, 100, 128, 128): {"scan": 1.31, "cpu": 0.96},
+    (64, 100, 128, 256): {"scan": 1.28, "cpu": 1.03},
+    (128, 100, 128, 128): {"scan": 1.38, "cpu": 1.01},
+    (1, 200, 64, 1024): {"scan": 1.30, "cpu": 0.99},
+    (4, 200, 128, 1024): {"scan": 1.57, "cpu": 0.98},
+    (32, 100, 64, 512): {"scan": 1.22, "cpu": 1.06},
+    (64, 100, 64, 512): {"scan": 1.17, "cpu": 1.03},  # configs/charlm.yaml's layer
 }
 _NVIDIA = ("gpu", "cuda")
 
