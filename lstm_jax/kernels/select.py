@@ -24,7 +24,7 @@ BACKENDS = ("auto", "scan", "pallas", "cudnn", "cpu")
 # steps, input_size, hidden). "cpu" is the C++ kernel (threads split the hidden units of one
 # sequence, or take whole problems; from batch 4 the input product runs inside it), "scan"
 # the lax.scan loop. The first seven rows are from benchmarks/results/cpu-2core.md
-# (2026-11-27 10:18 UTC), the rest from a run of those two and torch at 10:41 UTC
+# (2026-11-27 10:18 UTC), the rest from a run of those two and torch at 10:37 UTC
 # (benchmarks/cpu-notes.md, where 128,50,512,512 read 1.12 / 1.06 and 32,100,128,256
 # 1.30 / 0.97: ratios move by ~5% between runs). The kernel won everywhere.
 MEASURED_CPU: dict[tuple[int, int, int, int], dict[str, float]] = {
