@@ -407,6 +407,15 @@ def test_the_kernel_checks_every_buffer_shape():
         jax.block_until_ready(call(*x_args, **(flags | dict(has_input=True))))
     ys, h, c = call(*args, **flags)
     assert ys.shape == (5, 4, 8) and np.all(np.asarray(ys) == 0)  # zero weights, zero state
+    # The backward call with dx inside: a dx buffer of the wrong shape is refused too.
+    back = jax.ffi.ffi_call("lstm_jax_cpu_backward", [jax.ShapeDtypeStruct(s, f32) for s in (
+        (5, 4, 32), (4, 8), (4, 8), (1, 1, 1), (5, 4, 2))])
+    # w_ih, w_hh, w_hr, acts, c_prev, dys, dh_n, dc_n, mask
+    back_args = [jnp.zeros((3, 32)), jnp.zeros((8, 32)), jnp.zeros((1, 1)), jnp.zeros((5, 4, 32)),
+                 jnp.zeros((5, 4, 8)), jnp.zeros((5, 4, 8)), jnp.zeros((4, 8)), jnp.zeros((4, 8)),
+                 jnp.ones((1, 1), bool)]
+    with pytest.raises(Exception, match=r"dx has shape \(5, 4, 2\), expected \(5, 4, 3\)"):
+        jax.block_until_ready(back(*back_args, **(flags | dict(has_input=True))))
 
 
 def test_nan_and_inf_propagate_as_in_the_scan():

@@ -11,11 +11,14 @@ Same contract as :func:`lstm_jax._recurrence.recurrence` (gate order i, f, g, o;
 steps carry the state and output zero; ``proj_size`` projections included) and the same
 backward design: the kernel's backward walks time in reverse carrying ``(dh, dc)`` and emits
 ``dz_t``; ``dW_hh`` (and ``dW_hr``) are large XLA products after the loop and the gradient
-of ``xw`` is ``dz`` itself. Threads come from XLA's
-own CPU pool: several problems (``vmap``, the two directions of a bidirectional layer) run
-one per thread with no synchronisation; a single sequence large enough is split by hidden
-units between two or more threads (each keeps its share of ``W_hh`` in its core's cache),
-which exchange ``h`` (or ``dz``) once per step through a barrier.
+of ``xw`` is ``dz`` itself. :func:`cpu_layer`, what ``lstm(..., backend="cpu")`` runs, hands
+the kernel the layer input instead of ``xw``: from batch 4 each step forms ``x_t @ W_ih``
+itself, from batch 16 the backward loop forms ``dx_t`` too. Threads come from XLA's own CPU
+pool: several problems (``vmap``, the two directions of a bidirectional layer) run one per
+thread with no synchronisation; a single sequence large enough is split by hidden units
+between two or more threads (each keeps its share of ``W_hh`` in its core's cache), which
+exchange ``h`` (or ``dz``) once per step through a barrier. The calling thread starts at
+once; a helper thread joins at the first step boundary after it arrives.
 
 The kernel is compiled on first use with the host's C++ compiler (``$CXX``, else ``c++`` or
 ``g++`` from the PATH; ``-O3 -march=native``) against the FFI headers that jaxlib ships, and
