@@ -216,10 +216,10 @@ def kparts(shape_text):
     xw = jnp.asarray(rng.standard_normal((T, B, 4 * H), np.float32))
     xt = jnp.asarray(rng.standard_normal((T, B, D), np.float32))
     h0 = c0 = jnp.zeros((B, H))
-    cfg = (os.cpu_count(), 0)
+    cfg = (os.cpu_count(), 0, 0)  # threads, helper wait (none), the step helpers may join
 
     def fwd_train(xw, w):
-        return _forward(cfg, xw, w, None, h0, c0, None, p.b, save=True)
+        return _forward(cfg, xw, None, w, None, h0, c0, None, p.b, save=True)
 
     def fwd_bwd(xw, w):
         return jax.grad(lambda a, b: jnp.sum(cpu_recurrence(a, b, None, h0, c0, None, p.b)[0]),
