@@ -166,6 +166,12 @@ def test_layer_with_the_input_product_inside_matches_scan(steps, batch, inputs, 
     _assert_close_trees(cpu_layer(x, w_ih, w_hh, w_hr, h0, c0, mask, b), want_out, 2e-6)
 
 
+def test_layer_refuses_an_empty_input():
+    xw, w_hh, h0, c0, mask, b = _problem(5, 4, 8)
+    with pytest.raises(ValueError, match=r"x has no features: shape \(5, 4, 0\)"):
+        cpu_layer(jnp.zeros((5, 4, 0)), jnp.zeros((0, 32)), w_hh, None, h0, c0, mask, b)
+
+
 def test_masked_steps_carry_the_state_and_output_zero():
     xw, w_hh, h0, c0, _, b = _problem(5, 2, 8)
     mask = jnp.array([[True, False]] * 2 + [[False, False]] * 3)  # row 0 stops after 2 steps

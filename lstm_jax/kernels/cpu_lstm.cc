@@ -300,7 +300,8 @@ struct Part {
 // per team member the call may get. A team of k members gives each a contiguous group of
 // parts (member_share), so the calling thread can start alone, owning every part, and hand
 // parts over at a step boundary to helpers that arrive later, with nothing to repack.
-// Parts are multiples of 8 units (the vector width), so members never share a cache line.
+// Parts are multiples of 8 units (the vector width): members' slices of a row share at most
+// the cache line at each edge.
 inline int64_t part_chunk(int64_t size, int64_t parts) {
   return ((size + parts - 1) / parts + 7) / 8 * 8;
 }
@@ -441,7 +442,7 @@ class ForwardRun {
     const int64_t H = d_.hidden, G = 4 * H, B = d_.batch, P = d_.out, D = d_.input,
                   n = u.width(), g = 4 * n;
     const float* bias = bias_.data() + 4 * u.u0;
-    if (D > 0) {
+    if (a_.x != nullptr) {  // (D = 0 is an empty product)
       for (int64_t b = 0; b < B; ++b) copy_floats(z + b * g, bias, g);
       product(a_.x + t * B * D, D, w_ih_.data() + D * 4 * u.u0, g, D, z, g, B);
       if (t + 1 < d_.steps)
@@ -735,7 +736,7 @@ bool run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, int64_t gr
     return true;
   };
   const double macs = static_cast<double>(d.steps) * d.batch * d.hidden *
-                      (4.0 * d.out + (d.projection ? d.out : 0));
+                      (4.0 * (d.out + d.input) + (d.projection ? d.out : 0));
   if (d.problems > 1 && threads > 1) {
     // Whoever takes a problem is running and finishes it, so the caller waits only for
     // problems taken, never for a helper that has not started.
@@ -799,18 +800,26 @@ bool run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, int64_t gr
   // Fix the team: the caller and every helper that joined, unless the loop is over (or
   // failed); helpers outside the team (index >= size) return at once.
   const int64_t joined = crew->joined.fetch_or(Crew::kClosed) & ~Crew::kClosed;
-  const int64_t team = ok && step < d.steps ? std::min(parts, 1 + joined) : 1;
+  int64_t team = ok && step < d.steps ? std::min(parts, 1 + joined) : 1;
   if (team > 1) {
-    crew->barrier = std::make_unique<StepBarrier>(team);
-    crew->member = [&run, start = step](int64_t member, int64_t size, StepBarrier& barrier) {
-      int64_t s = start;
-      return run->run(s, member, size, barrier, [](int64_t) { return true; });
-    };
+    try {
+      crew->barrier = std::make_unique<StepBarrier>(team);
+      crew->member = [&run, start = step](int64_t member, int64_t size, StepBarrier& barrier) {
+        int64_t s = start;
+        return run->run(s, member, size, barrier, [](int64_t) { return true; });
+      };
+    } catch (...) {  // out of memory: the caller finishes alone
+      team = 1;
+    }
   }
   crew->size.store(team, std::memory_order_release);
-  if (team > 1)
+  if (team > 1) {
     crew->guarded([&] { return run->run(step, 0, team, *crew->barrier, always); },
                   crew->barrier.get());
+  } else if (ok && step < d.steps) {
+    StepBarrier solo(1);
+    crew->guarded([&] { return run->run(step, 0, 1, solo, always); }, nullptr);
+  }
   // Every helper that joined is running (or about to): wait for all of them, including any
   // outside the team, since they read the crew.
   while (crew->finished.load(std::memory_order_acquire) < joined) std::this_thread::yield();
@@ -956,7 +965,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
   ShapeCheck check("backward", acts.dimensions(), w_hh.dimensions(), has_proj, false);
   Dims d = check.d;
   const size_t n = acts.dimensions().size();
-  if (has_input) d.input = w_ih.dimensions().size() == n - 1 ? w_ih.dimensions()[n - 3] : -1;
+  if (has_input) d.input = n >= 3 && w_ih.dimensions().size() == n - 1 ? w_ih.dimensions()[n - 3] : -1;
   const int64_t H = d.hidden, G = 4 * H, B = d.batch, T = d.steps, P = d.out, D = d.input,
                 TB = T * B;
   if (has_input) {

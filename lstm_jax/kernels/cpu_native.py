@@ -459,6 +459,8 @@ def cpu_layer(
         raise ValueError(f"x must have shape (T, B, D), got {x.shape}")
     if w_ih.ndim != 2:
         raise ValueError(f"w_ih must have shape (D, 4H), got {w_ih.shape}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x has no features: shape {x.shape}, expected (T, B, D) with D >= 1")
     _check(x, w_ih, w_hh, w_hr, h0, c0, mask, b)
     config = _config(threads, helper_wait_us)
     if x.shape[1] < FUSE_INPUT_MIN_BATCH:
