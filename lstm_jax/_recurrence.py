@@ -165,12 +165,15 @@ def _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, acc, precision
     # h_{t-1} is y_{t-1}: valid wherever dz is non-zero (masked steps have dz = 0).
     h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
     dw_hh = summed_outer(h_prev, dz, acc, precision)
-    dw_hr = None
-    if w_hr is not None:
-        i, f, g, o = jnp.split(acts, 4, axis=-1)
-        r = (o * jnp.tanh(f * c_prev + i * g)).astype(w_hr.dtype)
-        dw_hr = summed_outer(r, dh_total, acc, precision)
+    dw_hr = None if w_hr is None else projection_grad(w_hr, acts, c_prev, dh_total, acc, precision)
     return dw_hh, dw_hr
+
+
+def projection_grad(w_hr, acts, c_prev, dh_total, acc, precision):
+    """dW_hr over all (t, b): r_t = o * tanh(c_t), recomputed from the saved activations."""
+    i, f, g, o = jnp.split(acts, 4, axis=-1)
+    r = (o * jnp.tanh(f * c_prev + i * g)).astype(w_hr.dtype)
+    return summed_outer(r, dh_total, acc, precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -182,7 +185,7 @@ def recurrence(unroll, precision, xw, w_hh, w_hr, h0, c0, mask, b=None):
     dtype. For long sequences see :func:`remat_recurrence`.
     """
     (h, c), (ys, _, _) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision,
-                                        save=False)
+                                      save=False)
     return ys, (h, c)
 
 
@@ -256,7 +259,7 @@ def _remat_fwd(unroll, precision, chunk, x, w_ih, w_hh, w_hr, h0, c0, mask, b):
         x_k, m_k = inputs
         xw_k = matmul(x_k, w_ih, acc, precision)
         new_carry, (ys_k, _, _) = _run_forward(xw_k, b, w_hh, w_hr, *carry, m_k, unroll,
-                                                 precision, save=False)
+                                               precision, save=False)
         return new_carry, (ys_k, carry)
 
     (h, c), (ys_c, starts) = jax.lax.scan(chunk_step, (h0, c0), (x_c, mask_c))
@@ -316,7 +319,7 @@ remat_recurrence.defvjp(_remat_fwd, _remat_bwd)
 def recurrence_autodiff(unroll, precision, xw, w_hh, w_hr, h0, c0, mask, b=None):
     """The same loop differentiated by JAX's own autodiff (a reference for tests and benchmarks)."""
     (h, c), (ys, _, _) = _run_forward(xw, b, w_hh, w_hr, h0, c0, mask, unroll, precision,
-                                        save=False)
+                                      save=False)
     return ys, (h, c)
 
 

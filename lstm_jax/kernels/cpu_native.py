@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lstm_jax._cell import input_product, matmul, summed_outer
-from lstm_jax._recurrence import _weight_grads
+from lstm_jax._recurrence import _weight_grads, projection_grad
 
 Array = jax.Array
 
@@ -306,10 +306,7 @@ def _cpu_loop_bwd(config, residuals, cotangents):
     h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
     dw = summed_outer(jnp.concatenate([x, h_prev], axis=-1), dz, f32)
     dw_ih, dw_hh = jnp.split(dw, [x.shape[-1]])
-    dw_hr = None
-    if w_hr is not None:
-        i, f, g, o = jnp.split(acts, 4, axis=-1)
-        dw_hr = summed_outer((o * jnp.tanh(f * c_prev + i * g)).astype(w_hr.dtype), dh_total, f32)
+    dw_hr = None if w_hr is None else projection_grad(w_hr, acts, c_prev, dh_total, f32, None)
     return dx, dw_ih, dw_hh, dw_hr, dh0, dc0, None, db
 
 
@@ -334,6 +331,9 @@ def _check(first, w_ih, w_hh, w_hr, h0, c0, mask, b):
         raise ValueError(f"w_hr has shape {w_hr.shape}, expected ({hidden}, P)")
     if w_hh.shape != (out, four_h):
         raise ValueError(f"w_hh has shape {w_hh.shape}, expected {(out, four_h)}")
+    if w_ih is None and first.shape[-1] != four_h:
+        raise ValueError(f"xw has shape {first.shape}, expected (T, B, {four_h}) for w_hh "
+                         f"of shape {w_hh.shape}")
     expected = {"h0": (batch, out), "c0": (batch, hidden), "mask": (steps, batch),
                 "b": (four_h,)}
     if w_ih is not None:
@@ -406,10 +406,8 @@ def cpu_recurrence(
       (5, 2, 8)
     """
     del precision
-    if xw.ndim != 3 or xw.shape[-1] % 4:
+    if xw.ndim != 3:
         raise ValueError(f"xw must have shape (T, B, 4H), got {xw.shape}")
-    if w_hh.ndim != 2 or w_hh.shape[-1] != xw.shape[-1]:
-        raise ValueError(f"w_hh has shape {w_hh.shape}, expected (P, {xw.shape[-1]})")
     _check(xw, None, w_hh, w_hr, h0, c0, mask, b)
     return _cpu_loop(_config(threads, helper_wait_us), xw, None, w_hh, w_hr, h0, c0, mask, b)
 
@@ -457,8 +455,6 @@ def cpu_layer(
     del precision
     if x.ndim != 3:
         raise ValueError(f"x must have shape (T, B, D), got {x.shape}")
-    if w_ih.ndim != 2:
-        raise ValueError(f"w_ih must have shape (D, 4H), got {w_ih.shape}")
     if x.shape[-1] == 0:
         raise ValueError(f"x has no features: shape {x.shape}, expected (T, B, D) with D >= 1")
     _check(x, w_ih, w_hh, w_hr, h0, c0, mask, b)
