@@ -128,10 +128,10 @@ def test_projection_matches_scan_forward_and_gradients(steps, batch, hidden, pro
         (9, 17, 24, 16, None, True, False),   # dx in the kernel; row blocks, masks, no bias
         (12, 16, 40, 128, None, True, True),  # a team; input columns split 24 + 16
         (10, 16, 20, 136, 40, True, True),    # a team with a projection
-        (3, 4, 8, 512, None, True, True),     # H >= 512: dW_ih and dW_hh as one product
+        (3, 4, 8, 512, None, True, True),     # 4H = 2048: the weight gradients' wide items
         (3, 5, 8, 512, 24, False, True),      # the same with a projection
     ],
-    ids=["tails", "rows-mask-nobias", "team", "team-proj", "joint-dw", "joint-dw-proj"],
+    ids=["tails", "rows-mask-nobias", "team", "team-proj", "wide", "wide-proj"],
 )
 def test_layer_with_the_input_product_inside_matches_scan(steps, batch, inputs, hidden, proj,
                                                           lengths, bias):
@@ -164,6 +164,61 @@ def test_layer_with_the_input_product_inside_matches_scan(steps, batch, inputs, 
     _assert_close_trees(got_grads, want_grads, 1e-5)
     # The public entry point (below batch 4 it forms x @ w_ih before the loop).
     _assert_close_trees(cpu_layer(x, w_ih, w_hh, w_hr, h0, c0, mask, b), want_out, 2e-6)
+
+
+def _weight_grads_reference(x, h0, ys, dz):
+    """[dW_ih; dW_hh] = sum_t [x_t, h_{t-1}]^T dz_t and db, in float64 NumPy."""
+    h_prev = np.concatenate([h0[None], ys[:-1]], axis=0)
+    a = h_prev if x is None else np.concatenate([x, h_prev], axis=-1)
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    g = dz.reshape(-1, dz.shape[-1]).astype(np.float64)
+    w = a.T @ g
+    d = 0 if x is None else x.shape[-1]
+    return (None if x is None else w[:d]), w[d:], g.sum(axis=0)
+
+
+@pytest.mark.parametrize(
+    "steps,batch,inputs,out,hidden,threads",
+    [
+        (7, 3, 5, 6, 5, 1),         # every tail: 4H = 20, rows 5 and 6, K = 21
+        (3, 300, 20, 44, 44, 2),    # h0's rows fill the first block of 256 and spill over
+        (40, 8, 0, 33, 40, 2),      # no x (the gradient of xw is dz); a projection's P = 33
+        (5, 26, 300, 260, 520, 2),  # D + P > 512 (blocks of 128 rows), 4H = 2080: wide items
+        (11, 24, 64, 128, 128, 4),  # more threads than XLA's pool has
+    ],
+    ids=["tails", "h0-spans-blocks", "no-x", "wide", "threads"],
+)
+def test_weight_grads_match_a_float64_reference(steps, batch, inputs, out, hidden, threads):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((steps, batch, inputs), np.float32) if inputs else None
+    h0 = rng.standard_normal((batch, out), np.float32)
+    ys = rng.standard_normal((steps, batch, out), np.float32)
+    dz = rng.standard_normal((steps, batch, 4 * hidden), np.float32)
+    config = (threads, 0, 0)
+    for bias in (True, False):
+        got = cpu_native.weight_grads(config, None if x is None else jnp.asarray(x),
+                                      jnp.asarray(h0), jnp.asarray(ys), jnp.asarray(dz), bias)
+        want = _weight_grads_reference(x, h0, ys, dz)
+        if not bias:
+            want = want[:2] + (None,)
+        for g, w in zip(got, want, strict=True):
+            assert (g is None) == (w is None)
+            if w is not None:
+                # float32 sums of steps * batch products of unit normals
+                tol = 3e-6 * np.sqrt(steps * batch) * max(1.0, float(np.abs(w).max()) ** 0.5)
+                np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=tol)
+
+
+def test_weight_grads_of_vmapped_problems_match_one_by_one():
+    # Both directions of a bidirectional layer (and vmap) are problems of one call.
+    rng = np.random.default_rng(4)
+    arrays = [jnp.asarray(rng.standard_normal(s, np.float32))
+              for s in ((2, 9, 4, 12), (2, 4, 16), (2, 9, 4, 16), (2, 9, 4, 64))]
+    both = jax.vmap(lambda *a: cpu_native.weight_grads((2, 0, 0), *a, True))(*arrays)
+    for p in range(2):
+        one = cpu_native.weight_grads((2, 0, 0), *(a[p] for a in arrays), True)
+        for g, w in zip(both, one, strict=True):
+            np.testing.assert_array_equal(np.asarray(g[p]), np.asarray(w))
 
 
 def test_layer_refuses_an_empty_input():
@@ -422,6 +477,20 @@ def test_the_kernel_checks_every_buffer_shape():
                  jnp.ones((1, 1), bool)]
     with pytest.raises(Exception, match=r"dx has shape \(5, 4, 2\), expected \(5, 4, 3\)"):
         jax.block_until_ready(back(*back_args, **(flags | dict(has_input=True))))
+    # The weight gradients: x, h0, ys, dz -> dw_ih, dw_hh, db.
+    grads = jax.ffi.ffi_call("lstm_jax_cpu_weight_grad", [jax.ShapeDtypeStruct(s, f32) for s in (
+        (3, 32), (8, 32), (32,))])
+    grad_args = [jnp.zeros((5, 4, 3)), jnp.zeros((4, 8)), jnp.zeros((5, 4, 8)),
+                 jnp.zeros((5, 4, 32))]
+    grad_flags = {"threads": 1, "has_input": True, "has_bias": True}
+    with pytest.raises(Exception, match=r"ys has shape \(5, 3, 8\), expected \(5, 4, 8\)"):
+        jax.block_until_ready(grads(*grad_args[:2], jnp.zeros((5, 3, 8)), grad_args[3],
+                                    **grad_flags))
+    with pytest.raises(Exception, match=r"dz must be \(\.\.\., T, B, 4H\) and dw_hh"):
+        jax.block_until_ready(grads(*grad_args[:3], jnp.zeros((5, 4, 31)), **grad_flags))
+    dw_ih, dw_hh, db = grads(*grad_args, **grad_flags)
+    assert dw_ih.shape == (3, 32) and db.shape == (32,)
+    assert not np.any(np.asarray(dw_hh)) and not np.any(np.asarray(db))  # dz = 0
 
 
 def test_nan_and_inf_propagate_as_in_the_scan():

@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lstm_jax._cell import input_product, matmul, summed_outer
-from lstm_jax._recurrence import _weight_grads, projection_grad
+from lstm_jax._cell import input_product, matmul
+from lstm_jax._recurrence import projection_grad
 
 Array = jax.Array
 
@@ -60,6 +60,7 @@ _TARGETS = {
     "lstm_jax_cpu_train_forward": "LstmJaxTrainForward",
     "lstm_jax_cpu_infer_forward": "LstmJaxInferForward",
     "lstm_jax_cpu_backward": "LstmJaxBackward",
+    "lstm_jax_cpu_weight_grad": "LstmJaxWeightGrad",
 }
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -231,12 +232,6 @@ def _flags(mask, w_hr, w_ih):
 # 128 2% faster (forward alone 8-22% faster from batch 4 on).
 FUSE_INPUT_MIN_BATCH = 4
 KERNEL_DX_MIN_BATCH = 16
-# Smallest hidden size at which dW_ih and dW_hh are one product over [x_t, h_{t-1}]: XLA
-# runs the wider product faster there (A/B fwd+bwd: 128,50,512,512 0.98x, 64,100,64,512
-# 0.96x), but slower at H = 128 and 256 (16,500,128,128 and 32,100,128,256: 1.03x).
-JOINT_WEIGHT_GRAD_MIN_HIDDEN = 512
-
-
 def _forward(config, first, w_ih, w_hh, w_hr, h0, c0, mask, b, save):
     """The forward call: ``first`` is xw (T, B, 4H), or with ``w_ih`` the layer input x."""
     steps, batch = first.shape[:2]
@@ -272,6 +267,30 @@ def _cpu_loop_fwd(config, first, w_ih, w_hh, w_hr, h0, c0, mask, b):
     return (ys, (h, c)), (x, w_ih, w_hh, w_hr, h0, mask, b, ys, acts, c_prev)
 
 
+def weight_grads(config, x, h0, ys, dz, bias):
+    """``(dW_ih, dW_hh, db)`` of a layer from its backward loop's ``dz: (T, B, 4H)``.
+
+    With ``A_t = [x_t, h_{t-1}]`` (``h_{-1} = h0``, ``h_{t-1} = y_{t-1}`` elsewhere, which is
+    the state wherever ``dz`` is non-zero), ``[dW_ih; dW_hh] = sum_t A_t^T dz_t`` and
+    ``db = sum_t,b dz_t``: one product in the kernel over all ``(t, b)`` that reads ``x``,
+    ``h0`` and ``ys`` in place. ``x=None`` gives ``dW_ih = None`` (the gradient of ``xw``
+    is ``dz`` itself); ``bias=False`` gives ``db = None``.
+    """
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(f'backend="cpu" is unavailable: {reason}')
+    f32 = jnp.float32
+    four_h = dz.shape[-1]
+    results = [jax.ShapeDtypeStruct((x.shape[-1], four_h) if x is not None else (1, 1), f32),
+               jax.ShapeDtypeStruct((ys.shape[-1], four_h), f32),
+               jax.ShapeDtypeStruct((four_h,) if bias else (1,), f32)]
+    dw_ih, dw_hh, db = jax.ffi.ffi_call("lstm_jax_cpu_weight_grad", results,
+                                        vmap_method="broadcast_all")(
+        _weight_arg(x) if x is None else x, h0, ys, dz, threads=np.int64(config[0]),
+        has_input=x is not None, has_bias=bool(bias))
+    return (dw_ih if x is not None else None), dw_hh, (db if bias else None)
+
+
 def _cpu_loop_bwd(config, residuals, cotangents):
     x, w_ih, w_hh, w_hr, h0, mask, b, ys, acts, c_prev = residuals
     dys, (dh_n, dc_n) = cotangents
@@ -293,20 +312,10 @@ def _cpu_loop_bwd(config, residuals, cotangents):
         _mask_arg(mask), config=config, **_flags(mask, w_hr, w_ih if kernel_dx else None))
     if w_ih is not None and not kernel_dx:
         dx = matmul(dz, w_ih.T, f32)
-    db = None if b is None else jnp.sum(dz, axis=(0, 1))
-    if w_ih is None or hidden < JOINT_WEIGHT_GRAD_MIN_HIDDEN:
-        # The scan's after-loop products: dW_hh over h_{t-1} (= y_{t-1} wherever dz is
-        # non-zero), dW_hr over r_t = o * tanh(c_t) recomputed from the activations.
-        dw_hh, dw_hr = _weight_grads(w_hh, w_hr, h0, ys, acts, c_prev, dz, dh_total, f32, None)
-        if w_ih is None:  # the gradient of xw is dz itself
-            return dz, None, dw_hh, dw_hr, dh0, dc0, None, db
-        return dx, summed_outer(x, dz, f32), dw_hh, dw_hr, dh0, dc0, None, db
-    # dW_ih and dW_hh as one product over [x_t, h_{t-1}]: XLA runs the wider product at the
-    # GEMM rate (128,50,512,512 alone: 185 against 170 GFLOP/s for the two apart).
-    h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
-    dw = summed_outer(jnp.concatenate([x, h_prev], axis=-1), dz, f32)
-    dw_ih, dw_hh = jnp.split(dw, [x.shape[-1]])
+    dw_ih, dw_hh, db = weight_grads(config, x, h0, ys, dz, bias=b is not None)
     dw_hr = None if w_hr is None else projection_grad(w_hr, acts, c_prev, dh_total, f32, None)
+    if w_ih is None:  # the gradient of xw is dz itself
+        return dz, None, dw_hh, dw_hr, dh0, dc0, None, db
     return dx, dw_ih, dw_hh, dw_hr, dh0, dc0, None, db
 
 
