@@ -10,8 +10,9 @@ nothing in between. It is the CPU counterpart of the persistent Pallas kernel.
 Same contract as :func:`lstm_jax._recurrence.recurrence` (gate order i, f, g, o; masked
 steps carry the state and output zero; ``proj_size`` projections included) and the same
 backward design: the kernel's backward walks time in reverse carrying ``(dh, dc)`` and emits
-``dz_t``; ``dW_hh`` (and ``dW_hr``) are large XLA products after the loop and the gradient
-of ``xw`` is ``dz`` itself. :func:`cpu_layer`, what ``lstm(..., backend="cpu")`` runs, hands
+``dz_t``; after the loop a second call forms ``dW_hh`` (with ``dW_ih`` and ``db``, see
+:func:`weight_grads`) as one packed product over all steps, ``dW_hr`` is an XLA product, and
+the gradient of ``xw`` is ``dz`` itself. :func:`cpu_layer`, what ``lstm(..., backend="cpu")`` runs, hands
 the kernel the layer input instead of ``xw``: from batch 4 each step forms ``x_t @ W_ih``
 itself, from batch 16 the backward loop forms ``dx_t`` too. Threads come from XLA's own CPU
 pool: several problems (``vmap``, the two directions of a bidirectional layer) run one per
@@ -193,10 +194,14 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _call(name, results, *args, config, has_mask, has_proj, has_input, aliases=None):
+def _require_kernel():
     reason = _load()
     if reason is not None:
         raise RuntimeError(f'backend="cpu" is unavailable: {reason}')
+
+
+def _call(name, results, *args, config, has_mask, has_proj, has_input, aliases=None):
+    _require_kernel()
     threads, grace_us, join_step = config
     return jax.ffi.ffi_call(name, results, vmap_method="broadcast_all",
                             input_output_aliases=aliases)(
@@ -274,11 +279,12 @@ def weight_grads(config, x, h0, ys, dz, bias):
     the state wherever ``dz`` is non-zero), ``[dW_ih; dW_hh] = sum_t A_t^T dz_t`` and
     ``db = sum_t,b dz_t``: one product in the kernel over all ``(t, b)`` that reads ``x``,
     ``h0`` and ``ys`` in place. ``x=None`` gives ``dW_ih = None`` (the gradient of ``xw``
-    is ``dz`` itself); ``bias=False`` gives ``db = None``.
+    is ``dz`` itself); ``bias=False`` gives ``db = None``. Shapes: ``x: (T, B, D)``,
+    ``h0: (B, P)``, ``ys: (T, B, P)``, float32; leading dimensions (vmap) are problems of
+    one call. ``config`` is the kernel's ``(threads, helper wait, join step)``; only the
+    threads count here.
     """
-    reason = _load()
-    if reason is not None:
-        raise RuntimeError(f'backend="cpu" is unavailable: {reason}')
+    _require_kernel()
     f32 = jnp.float32
     four_h = dz.shape[-1]
     results = [jax.ShapeDtypeStruct((x.shape[-1], four_h) if x is not None else (1, 1), f32),
@@ -286,7 +292,7 @@ def weight_grads(config, x, h0, ys, dz, bias):
                jax.ShapeDtypeStruct((four_h,) if bias else (1,), f32)]
     dw_ih, dw_hh, db = jax.ffi.ffi_call("lstm_jax_cpu_weight_grad", results,
                                         vmap_method="broadcast_all")(
-        _weight_arg(x) if x is None else x, h0, ys, dz, threads=np.int64(config[0]),
+        _weight_arg(x), h0, ys, dz, threads=np.int64(config[0]),
         has_input=x is not None, has_bias=bool(bias))
     return (dw_ih if x is not None else None), dw_hh, (db if bias else None)
 
@@ -441,7 +447,8 @@ def cpu_layer(
     the same register-blocked products (from batch :data:`FUSE_INPUT_MIN_BATCH` on), and
     ``dx = dz @ w_ih^T`` inside the backward loop (from batch :data:`KERNEL_DX_MIN_BATCH`):
     no ``(T, B, 4H)`` array of input products is written and read back, and the products
-    run at the kernel's rate. ``dW_ih = sum_t x_t^T dz_t`` is one product after the loop.
+    run at the kernel's rate. ``dW_ih = sum_t x_t^T dz_t`` is part of the one product after
+    the loop that also forms ``dW_hh`` and ``db`` (:func:`weight_grads`).
     At smaller batches one XLA product over all steps forms ``xw`` (or ``dx``) faster.
     This is what ``lstm(..., backend="cpu")`` runs.
 
