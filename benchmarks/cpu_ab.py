@@ -54,8 +54,8 @@ def main(a_source: str, b_source: str, *shapes: str) -> None:
     register("A", a_source)
     register("B", b_source)
     variant = {"tag": "A"}
-    call = cn._call
-    cn._call = lambda name, *a, **k: call(f"{variant['tag']}_{name}", *a, **k)
+    ffi = cn._ffi
+    cn._ffi = lambda name, *a, **k: ffi(f"{variant['tag']}_{name}", *a, **k)
     rounds = int(os.environ.get("R", 7))
     for text in shapes:
         B, T, D, H = (int(v) for v in text.split(","))

@@ -200,11 +200,16 @@ def _require_kernel():
         raise RuntimeError(f'backend="cpu" is unavailable: {reason}')
 
 
+def _ffi(name, results, aliases=None):
+    """The kernel's FFI target ``name`` as a JAX function (vmapped problems are leading axes)."""
+    return jax.ffi.ffi_call(name, results, vmap_method="broadcast_all",
+                            input_output_aliases=aliases)
+
+
 def _call(name, results, *args, config, has_mask, has_proj, has_input, aliases=None):
     _require_kernel()
     threads, grace_us, join_step = config
-    return jax.ffi.ffi_call(name, results, vmap_method="broadcast_all",
-                            input_output_aliases=aliases)(
+    return _ffi(name, results, aliases)(
         *args, threads=np.int64(threads), grace_us=np.int64(grace_us),
         join_step=np.int64(join_step), has_mask=bool(has_mask), has_proj=bool(has_proj),
         has_input=bool(has_input))
@@ -290,10 +295,9 @@ def weight_grads(config, x, h0, ys, dz, bias):
     results = [jax.ShapeDtypeStruct((x.shape[-1], four_h) if x is not None else (1, 1), f32),
                jax.ShapeDtypeStruct((ys.shape[-1], four_h), f32),
                jax.ShapeDtypeStruct((four_h,) if bias else (1,), f32)]
-    dw_ih, dw_hh, db = jax.ffi.ffi_call("lstm_jax_cpu_weight_grad", results,
-                                        vmap_method="broadcast_all")(
-        _weight_arg(x), h0, ys, dz, threads=np.int64(config[0]),
-        has_input=x is not None, has_bias=bool(bias))
+    dw_ih, dw_hh, db = _ffi("lstm_jax_cpu_weight_grad", results)(
+        _weight_arg(x), h0, ys, dz, threads=np.int64(config[0]), has_input=x is not None,
+        has_bias=bool(bias))
     return (dw_ih if x is not None else None), dw_hh, (db if bias else None)
 
 
