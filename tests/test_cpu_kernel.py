@@ -488,6 +488,11 @@ def test_the_kernel_checks_every_buffer_shape():
                                     **grad_flags))
     with pytest.raises(Exception, match=r"dz must be \(\.\.\., T, B, 4H\) and dw_hh"):
         jax.block_until_ready(grads(*grad_args[:3], jnp.zeros((5, 4, 31)), **grad_flags))
+    # Two problems (vmap) but room for one gradient: refused, not written past its end.
+    two = jax.ffi.ffi_call("lstm_jax_cpu_weight_grad", [jax.ShapeDtypeStruct(s, f32) for s in (
+        (2, 3, 32), (1, 8, 32), (2, 32))])
+    with pytest.raises(Exception, match=r"dw_hh has shape \(1, 8, 32\), expected \(2, 8, 32\)"):
+        jax.block_until_ready(two(*(jnp.stack([a, a]) for a in grad_args), **grad_flags))
     dw_ih, dw_hh, db = grads(*grad_args, **grad_flags)
     assert dw_ih.shape == (3, 32) and db.shape == (32,)
     assert not np.any(np.asarray(dw_hh)) and not np.any(np.asarray(db))  # dz = 0

@@ -307,9 +307,10 @@ void gradient_strip(const float* strip, int64_t rows, const float* packed, int64
 // cost 2.4 ms alone but 7.4 ms inside the loop at 32,100,128,256, one core).
 class BlockPrefetch {
  public:
-  // `rows` rows of `width` floats, `ld` apart.
+  // `rows` rows of `width` floats, `ld` apart (from the start of base's cache line).
   void add(const float* base, int64_t ld, int64_t width, int64_t rows) {
-    if (rows > 0 && width > 0) regions_[count_++] = Region{base, ld, width, rows};
+    const int64_t before = reinterpret_cast<uintptr_t>(base) % 64 / sizeof(float);
+    if (rows > 0 && width > 0) regions_[count_++] = Region{base - before, ld, width + before, rows};
   }
   // Spreads the lines over `calls` calls of fetch().
   void spread(int64_t calls) {
@@ -352,16 +353,22 @@ void gradient_rows(const float* strips, int64_t count, int64_t rows, const float
                       out + m * ldo, ldo);
 }
 
-// Columns [n0, n0 + cols) of every gradient. `packed` holds kGradRows * cols floats,
-// `strips` grad_strips(D, P) * strip_stride(kGradRows).
 inline int64_t grad_strips(int64_t D, int64_t P) {
   return (D + kStrip - 1) / kStrip + (P + kStrip - 1) / kStrip;
 }
 
+// Rows k packed at a time: the strips of A (block x (D + P) floats) stay in L2.
+inline int64_t grad_block_rows(int64_t D, int64_t P) {
+  return D + P > 512 ? kGradRowsWide : kGradRows;
+}
+
+// Columns [n0, n0 + cols) of every gradient. `packed` holds grad_block_rows(D, P) * cols
+// floats, `strips` grad_strips(D, P) * strip_stride(grad_block_rows(D, P)).
+
 void weight_grad_columns(const WeightGradArgs& a, int64_t n0, int64_t cols, float* packed,
                          float* strips) {
   const int64_t N = a.N, D = a.x != nullptr ? a.D : 0;
-  const int64_t block = D + a.P > 512 ? kGradRowsWide : kGradRows;
+  const int64_t block = grad_block_rows(D, a.P);
   for (int64_t m = 0; m < D; ++m) std::fill_n(a.dw_ih + m * N + n0, cols, 0.0f);
   for (int64_t m = 0; m < a.P; ++m) std::fill_n(a.dw_hh + m * N + n0, cols, 0.0f);
   if (a.db != nullptr) std::fill_n(a.db + n0, cols, 0.0f);
@@ -394,7 +401,7 @@ void weight_grad_columns(const WeightGradArgs& a, int64_t n0, int64_t cols, floa
       const int64_t h1 = std::max(k1, a.B);  // rows of ys (those of h0 stay cached)
       next.add(a.ys + (h1 - a.B) * a.P, 0, (k1 + next_rows - h1) * a.P, 1);
     }
-    next.spread((D + a.P) / kStrip);
+    next.spread(D / kStrip + a.P / kStrip);  // the calls of fetch(): one per whole strip
     if (D > 0) gradient_rows(strips, D, rows, packed, cols, a.dw_ih + n0, N, next);
     gradient_rows(h_strips, a.P, rows, packed, cols, a.dw_hh + n0, N, next);
   }
@@ -1203,6 +1210,7 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, int64_t threads, bool has_input,
     check.expect("x", x.dimensions(), {T, B, D});
     check.expect("dw_ih", dw_ih->dimensions(), {D, N});
   }
+  check.expect("dw_hh", dw_hh->dimensions(), {P, N});
   check.expect("h0", h0.dimensions(), {B, P});
   check.expect("ys", ys.dimensions(), {T, B, P});
   if (has_bias) check.expect("db", db->dimensions(), {N});
@@ -1220,9 +1228,9 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, int64_t threads, bool has_input,
     // Each thread keeps its buffers for later calls: fresh ones (up to 1.5 MiB) would be
     // mapped and faulted in by every call.
     static thread_local std::vector<float> scratch;
-    const int64_t packed_size = kGradRows * width;
+    const int64_t block = grad_block_rows(D, P), packed_size = block * width;
     scratch.resize(std::max<size_t>(scratch.size(),
-                                    packed_size + grad_strips(D, P) * strip_stride(kGradRows)));
+                                    packed_size + grad_strips(D, P) * strip_stride(block)));
     weight_grad_columns(a, n0, std::min(width, N - n0), scratch.data(),
                         scratch.data() + packed_size);
     return true;
