@@ -428,10 +428,12 @@ def test_cache_key_follows_source_compiler_and_cpu(monkeypatch, tmp_path):
 
 
 def test_default_cpu_table_follows_the_measurements():
-    # The kernel measured faster from batch 1 to 128 and H 64 to 1024.
+    # The kernel measured faster from batch 1 to 256 and H 64 to 2048 (but 256 x 1024).
     for batch, hidden in ((1, 64), (1, 128), (4, 128), (8, 256), (16, 128), (32, 256),
-                          (64, 128), (1, 1024), (8, 512), (128, 512)):
+                          (64, 128), (1, 1024), (8, 512), (128, 512), (256, 256), (1, 2048),
+                          (8, 2048)):
         assert choose_backend("auto", platform="cpu", batch=batch, hidden=hidden) == "cpu"
+    assert choose_backend("auto", platform="cpu", batch=256, hidden=1024) == "scan"  # a tie
     # Where the scan measured faster, it stays (a table with one such shape).
     table = {(128, 50, 512, 512): {"scan": 1.10, "cpu": 1.12},
              (8, 100, 64, 256): {"scan": 1.2, "cpu": 0.9}}
@@ -439,8 +441,8 @@ def test_default_cpu_table_follows_the_measurements():
     assert choose_backend("auto", platform="cpu", batch=8, hidden=256, table=table) == "cpu"
     # Outside the range where the kernel was measured winning: the scan, whatever the
     # nearest measured shape says.
-    assert choose_backend("auto", platform="cpu", batch=1, hidden=2048) == "scan"
-    assert choose_backend("auto", platform="cpu", batch=256, hidden=128) == "scan"
+    assert choose_backend("auto", platform="cpu", batch=1, hidden=4096) == "scan"
+    assert choose_backend("auto", platform="cpu", batch=512, hidden=128) == "scan"
 
 
 def test_the_kernel_checks_every_buffer_shape():

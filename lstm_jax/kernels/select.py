@@ -26,7 +26,9 @@ BACKENDS = ("auto", "scan", "pallas", "cudnn", "cpu")
 # the lax.scan loop. The first seven rows are from benchmarks/results/cpu-2core.md
 # (2026-11-27 10:18 UTC), the rest from a run of those two and torch at 10:37 UTC
 # (benchmarks/cpu-notes.md, where 128,50,512,512 read 1.12 / 1.06 and 32,100,128,256
-# 1.30 / 0.97: ratios move by ~5% between runs). The kernel won everywhere.
+# 1.30 / 0.97: ratios move by ~5% between runs); the last four from a run at 12:47 UTC with
+# the weight gradients in the kernel (benchmarks/cpu-notes.md). The kernel won everywhere
+# but at 256 x 1024, a tie (1050 ms each), where the scan stays.
 MEASURED_CPU: dict[tuple[int, int, int, int], dict[str, float]] = {
     (1, 500, 64, 64): {"scan": 0.78, "cpu": 0.48},
     (1, 1000, 32, 128): {"scan": 0.96, "cpu": 0.54},
@@ -44,6 +46,10 @@ MEASURED_CPU: dict[tuple[int, int, int, int], dict[str, float]] = {
     (4, 200, 128, 1024): {"scan": 1.57, "cpu": 0.98},
     (32, 100, 64, 512): {"scan": 1.22, "cpu": 1.06},
     (64, 100, 64, 512): {"scan": 1.17, "cpu": 1.03},  # configs/charlm.yaml's layer
+    (256, 50, 256, 256): {"scan": 1.12, "cpu": 1.01},
+    (256, 20, 512, 1024): {"scan": 1.12, "cpu": 1.12},
+    (8, 100, 512, 2048): {"scan": 1.07, "cpu": 0.74},
+    (1, 200, 128, 2048): {"scan": 1.09, "cpu": 0.81},
 }
 _NVIDIA = ("gpu", "cuda")
 
