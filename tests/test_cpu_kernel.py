@@ -130,8 +130,11 @@ def test_projection_matches_scan_forward_and_gradients(steps, batch, hidden, pro
         (10, 16, 20, 136, 40, True, True),    # a team with a projection
         (3, 4, 8, 512, None, True, True),     # 4H = 2048: the weight gradients' wide items
         (3, 5, 8, 512, 24, False, True),      # the same with a projection
+        (3, 260, 8, 64, None, True, True),    # batch 260: more than a weight-gradient block
+        (2, 3, 16, 2048, None, False, True),  # H = 2048, the largest that auto sends here
     ],
-    ids=["tails", "rows-mask-nobias", "team", "team-proj", "wide", "wide-proj"],
+    ids=["tails", "rows-mask-nobias", "team", "team-proj", "wide", "wide-proj", "b260",
+         "h2048"],
 )
 def test_layer_with_the_input_product_inside_matches_scan(steps, batch, inputs, hidden, proj,
                                                           lengths, bias):
@@ -160,10 +163,12 @@ def test_layer_with_the_input_product_inside_matches_scan(steps, batch, inputs, 
         lambda *a: loss(loop, *a), argnums=tuple(range(7)), has_aux=True))(*args)
     (_, got_out), got_grads = grads(kernel)
     (_, want_out), want_grads = grads(scan)
-    _assert_close_trees(got_out, want_out, 2e-6)
-    _assert_close_trees(got_grads, want_grads, 1e-5)
+    # float32 sums over D + H products: their rounding grows with sqrt(H).
+    grow = max(1.0, np.sqrt(hidden / 512))
+    _assert_close_trees(got_out, want_out, 2e-6 * grow)
+    _assert_close_trees(got_grads, want_grads, 1e-5 * grow)
     # The public entry point (below batch 4 it forms x @ w_ih before the loop).
-    _assert_close_trees(cpu_layer(x, w_ih, w_hh, w_hr, h0, c0, mask, b), want_out, 2e-6)
+    _assert_close_trees(cpu_layer(x, w_ih, w_hh, w_hr, h0, c0, mask, b), want_out, 2e-6 * grow)
 
 
 def _weight_grads_reference(x, h0, ys, dz):
