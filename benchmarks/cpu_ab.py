@@ -49,6 +49,18 @@ def register(tag: str, source: str) -> None:
                                     platform="cpu")
 
 
+def layer_case(text: str):
+    """``(params, x, loss)`` for one layer at "B,T,D,H": ``loss`` sums the kernel path's output."""
+    B, T, D, H = (int(v) for v in text.split(","))
+    params = lstm_jax.init_lstm(jax.random.key(0), D, H)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((B, T, D), np.float32))
+
+    def loss(p, xx):
+        return jnp.sum(lstm_jax.lstm(p, xx, backend="cpu")[0])
+
+    return params, x, loss
+
+
 def main(a_source: str, b_source: str, *shapes: str) -> None:
     assert cn.unavailable_reason() is None, cn.unavailable_reason()
     register("A", a_source)
@@ -59,12 +71,7 @@ def main(a_source: str, b_source: str, *shapes: str) -> None:
     rounds = int(os.environ.get("R", 7))
     for text in shapes:
         B, T, D, H = (int(v) for v in text.split(","))
-        params = lstm_jax.init_lstm(jax.random.key(0), D, H)
-        x = jnp.asarray(np.random.default_rng(0).standard_normal((B, T, D), np.float32))
-
-        def loss(p, xx):
-            return jnp.sum(lstm_jax.lstm(p, xx, backend="cpu")[0])
-
+        params, x, loss = layer_case(text)
         fns = {}
         for tag in "AB":
             variant["tag"] = tag  # read while tracing: each compiled call names its build

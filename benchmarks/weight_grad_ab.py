@@ -26,8 +26,8 @@ steady_malloc()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from cpu_ab import layer_case  # noqa: E402  (benchmarks/, the script's folder)
 
-import lstm_jax  # noqa: E402
 import lstm_jax.kernels.cpu_native as cn  # noqa: E402
 from lstm_jax._cell import summed_outer  # noqa: E402
 
@@ -84,13 +84,7 @@ def main(*shapes: str) -> None:
         return
     kernel_weight_grads = cn.weight_grads
     for text in shapes:
-        B, T, D, H = (int(v) for v in text.split(","))
-        params = lstm_jax.init_lstm(jax.random.key(0), D, H)
-        x = jnp.asarray(np.random.default_rng(0).standard_normal((B, T, D), np.float32))
-
-        def loss(p, xx):
-            return jnp.sum(lstm_jax.lstm(p, xx, backend="cpu")[0])
-
+        params, x, loss = layer_case(text)
         fns = {}
         for name, weight_grads in (("xla", xla_weight_grads), ("kernel", kernel_weight_grads)):
             cn.weight_grads = weight_grads  # read while tracing the backward pass
