@@ -12,14 +12,16 @@ steps carry the state and output zero; ``proj_size`` projections included) and t
 backward design: the kernel's backward walks time in reverse carrying ``(dh, dc)`` and emits
 ``dz_t``; after the loop a second call forms ``dW_hh`` (with ``dW_ih`` and ``db``, see
 :func:`weight_grads`) as one packed product over all steps, ``dW_hr`` is an XLA product, and
-the gradient of ``xw`` is ``dz`` itself. :func:`cpu_layer`, what ``lstm(..., backend="cpu")`` runs, hands
-the kernel the layer input instead of ``xw``: from batch 4 each step forms ``x_t @ W_ih``
-itself, from batch 16 the backward loop forms ``dx_t`` too. Threads come from XLA's own CPU
-pool: several problems (``vmap``, the two directions of a bidirectional layer) run one per
-thread with no synchronisation; a single sequence large enough is split by hidden units
-between two or more threads (each keeps its share of ``W_hh`` in its core's cache), which
-exchange ``h`` (or ``dz``) once per step through a barrier. The calling thread starts at
-once; a helper thread joins at the first step boundary after it arrives.
+the gradient of ``xw`` is ``dz`` itself. :func:`cpu_layer`, what
+``lstm(..., backend="cpu")`` runs, hands the kernel the layer input instead of ``xw``: from
+batch 4 each step forms ``x_t @ W_ih`` itself, from batch 16 the backward loop forms ``dx_t``
+too.
+Threads come from XLA's own CPU pool: several problems (``vmap``, the two directions of a
+bidirectional layer) run one per thread with no synchronisation; a single sequence large
+enough is split by hidden units between two or more threads (each keeps its share of
+``W_hh`` in its core's cache), which exchange ``h`` (or ``dz``) once per step through a
+barrier. The calling thread starts at once; a helper thread joins at the first step boundary
+after it arrives.
 
 The kernel is compiled on first use with the host's C++ compiler (``$CXX``, else ``c++`` or
 ``g++`` from the PATH; ``-O3 -march=native``) against the FFI headers that jaxlib ships, and
@@ -242,6 +244,8 @@ def _flags(mask, w_hr, w_ih):
 # 128 2% faster (forward alone 8-22% faster from batch 4 on).
 FUSE_INPUT_MIN_BATCH = 4
 KERNEL_DX_MIN_BATCH = 16
+
+
 def _forward(config, first, w_ih, w_hh, w_hr, h0, c0, mask, b, save):
     """The forward call: ``first`` is xw (T, B, 4H), or with ``w_ih`` the layer input x."""
     steps, batch = first.shape[:2]
