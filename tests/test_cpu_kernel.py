@@ -132,9 +132,10 @@ def test_projection_matches_scan_forward_and_gradients(steps, batch, hidden, pro
         (3, 5, 8, 512, 24, False, True),      # the same with a projection
         (3, 260, 8, 64, None, True, True),    # batch 260: more than a weight-gradient block
         (2, 3, 16, 2048, None, False, True),  # H = 2048, the largest that auto sends here
+        (50, 66, 8, 130, None, True, True),   # >= 8 MiB saved: streaming stores, unaligned
     ],
     ids=["tails", "rows-mask-nobias", "team", "team-proj", "wide", "wide-proj", "b260",
-         "h2048"],
+         "h2048", "streamed"],
 )
 def test_layer_with_the_input_product_inside_matches_scan(steps, batch, inputs, hidden, proj,
                                                           lengths, bias):
