@@ -245,8 +245,10 @@ def test_masked_steps_carry_the_state_and_output_zero():
 
 @pytest.mark.parametrize("join_step", [0, 5, 79], ids=["from-start", "mid-run", "last-step"])
 def test_threads_do_not_change_a_bit(join_step):
-    # Every output element is summed in the same order whichever thread or row block forms
-    # it, so the team split and the row blocking leave the numbers bit-identical. The caller
+    # At H = 128 each thread's part is whole 64-column panels, so every output element is
+    # summed in the same order whichever thread or row block forms it, and the team split
+    # and the row blocking leave the numbers bit-identical (parts with narrower tail panels,
+    # H = 130, split some sums differently and differ by rounding). The caller
     # runs alone until `join_step`, then waits (long) for the helpers there: the team forms
     # at that step wherever XLA's pool has a second thread, as when a helper comes late.
     problem = _problem(80, 3, 128, lengths=True)

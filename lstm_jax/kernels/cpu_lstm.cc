@@ -37,7 +37,9 @@
 #include <thread>
 #include <vector>
 
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -160,7 +162,7 @@ inline void panel_block(const float* a, int64_t lda, const float* panel, int64_t
         wv[v] = load<L>(w + s * width + L * v);
         // Keep the weight in a register: folded into each row's multiply-add instead, it
         // is loaded R times and the loads, not the multiply-adds, bound the loop.
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__AVX__)
         asm("" : "+v"(wv[v]));
 #endif
       }
@@ -627,12 +629,18 @@ class ForwardRun {
       for (int64_t p = share.first; p < share.last; ++p)
         step_part(t, unit_part(H, parts_, p), h, h_next, h_own.data(), z.data());
       if (d_.projection) {
-        if (!barrier.wait(phase)) return false;  // r_t complete
+        if (!barrier.wait(phase)) {  // r_t complete (false: the team was aborted)
+          stream_fence();
+          return false;
+        }
         copy_floats(r_own.data(), r_.data(), B * H);
         for (int64_t p = share.first; p < share.last; ++p)
           project_part(t, unit_part(P, parts_, p), h, h_next, r_own.data(), h_proj.data());
       }
-      if (!barrier.wait(phase)) return false;  // h_t complete
+      if (!barrier.wait(phase)) {  // h_t complete
+        stream_fence();
+        return false;
+      }
     }
     stream_fence();  // the saved activations, before the team's end is signalled
     return true;
@@ -723,7 +731,8 @@ class ForwardRun {
   const Dims d_;
   const ForwardArgs a_;
   const int64_t parts_;
-  const bool stream_saved_ = a_.acts != nullptr &&
+  // Not over xw (below batch 4): there each row of the activations was just read.
+  const bool stream_saved_ = a_.acts != nullptr && a_.x != nullptr &&
       5.0 * sizeof(float) * d_.steps * d_.batch * d_.hidden >= kStreamSavedBytes;
   std::vector<float> w_, w_ih_, bias_;  // W_hh's and W_ih's gate columns and b, part by part
   std::vector<float> c_;         // (B, H) cell state
