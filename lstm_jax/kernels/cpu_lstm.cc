@@ -526,6 +526,17 @@ inline Share member_share(int64_t parts, int64_t team, int64_t member) {
   return {member * parts / team, (member + 1) * parts / team};
 }
 
+// The transpose of w's rows [rows.u0, rows.u1) (each `width` floats), (width, n), packed by
+// pack_panels into `packed`; `scratch` holds the transpose on the way.
+void pack_transposed_rows(const float* w, int64_t width, const Part& rows,
+                          std::vector<float>& scratch, float* packed) {
+  const int64_t n = rows.width();
+  scratch.resize(width * n);
+  for (int64_t u = 0; u < n; ++u)
+    for (int64_t j = 0; j < width; ++j) scratch[j * n + u] = w[(rows.u0 + u) * width + j];
+  pack_panels(scratch.data(), n, n, width, packed);
+}
+
 // Column q * H + u0 + j of a (.., 4H) row is column q * n + j of the part's packed row.
 inline void gather_gates(const float* row, int64_t H, const Part& part, float* out) {
   const int64_t n = part.width();
@@ -766,26 +777,14 @@ class BackwardRun {
       // W_hh^T restricted to the part's state columns: (4H, np), so the product has the
       // forward's form.
       const Part o = unit_part(P, parts, i);
-      const int64_t np = o.width();
-      t.resize(G * np);
-      for (int64_t u = 0; u < np; ++u)
-        for (int64_t j = 0; j < G; ++j) t[j * np + u] = a.w[(o.u0 + u) * G + j];
-      pack_panels(t.data(), np, np, G, w_t_.data() + G * o.u0);
+      pack_transposed_rows(a.w, G, o, t, w_t_.data() + G * o.u0);
       if (d.input > 0) {  // W_ih^T restricted to the part's input columns: (4H, nd)
         const Part x = unit_part(d.input, parts, i);
-        const int64_t nd = x.width();
-        t.resize(G * nd);
-        for (int64_t c = 0; c < nd; ++c)
-          for (int64_t j = 0; j < G; ++j) t[j * nd + c] = a.w_ih[(x.u0 + c) * G + j];
-        pack_panels(t.data(), nd, nd, G, w_ih_t_.data() + G * x.u0);
+        pack_transposed_rows(a.w_ih, G, x, t, w_ih_t_.data() + G * x.u0);
       }
       if (d.projection) {  // W_hr^T restricted to the part's units: (P, n)
         const Part u = unit_part(H, parts, i);
-        const int64_t n = u.width();
-        t.resize(P * n);
-        for (int64_t v = 0; v < n; ++v)
-          for (int64_t k = 0; k < P; ++k) t[k * n + v] = a.w_hr[(u.u0 + v) * P + k];
-        pack_panels(t.data(), n, n, P, hr_t_.data() + P * u.u0);
+        pack_transposed_rows(a.w_hr, P, u, t, hr_t_.data() + P * u.u0);
       }
     }
   }
@@ -902,6 +901,10 @@ class BackwardRun {
 // thread, H = 128 on two).
 constexpr int64_t kMinTeamUnits = 64;
 
+// Below this many multiply-adds a problem runs on one thread: helpers and (in a team) a
+// barrier per step cost more than they save.
+constexpr double kMinSharedMacs = 4e6;
+
 // What the caller and the helper tasks it schedules on XLA's thread pool share. Held by
 // shared pointers: a helper that starts after the work is done only reads this and returns.
 struct Crew {
@@ -997,7 +1000,7 @@ bool run_teams(const Dims& d, int64_t threads, ffi::ThreadPool& pool, int64_t gr
                       (4.0 * (d.out + d.input) + (d.projection ? d.out : 0));
   if (d.problems > 1 && threads > 1) return run_items(pool, threads, d.problems, crew->whole);
   const int64_t parts = parts_with_units(d.hidden, std::min(threads, d.hidden / kMinTeamUnits));
-  if (d.problems > 1 || parts < 2 || macs < 4e6) {
+  if (d.problems > 1 || parts < 2 || macs < kMinSharedMacs) {
     for (int64_t p = 0; p < d.problems; ++p) crew->guarded([&] { return crew->whole(p); }, nullptr);
     return !crew->failed;
   }
@@ -1248,8 +1251,6 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
   return ok ? ffi::Error::Success() : failed("backward");
 }
 
-// Below this many multiply-adds per problem the weight gradients run on one thread.
-constexpr double kMinSharedGradMacs = 4e6;
 
 ffi::Error WeightGradImpl(ffi::ThreadPool pool, int64_t threads, bool has_input, bool has_bias,
                           F32 x, F32 h0, F32 ys, F32 dz, Out dw_ih, Out dw_hh, Out db) {
@@ -1290,7 +1291,7 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, int64_t threads, bool has_input,
     return true;
   };
   const double macs = static_cast<double>(K) * (D + P) * N;
-  const bool ok = run_items(pool, macs < kMinSharedGradMacs ? 1 : threads,
+  const bool ok = run_items(pool, macs < kMinSharedMacs ? 1 : threads,
                             d.problems * columns, work);
   return ok ? ffi::Error::Success() : failed("weight_grad");
 }
