@@ -43,6 +43,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from lstm_jax._host_memory import steady_malloc  # noqa: F401  (--steady-malloc; scripts)
+
 # ----------------------------------------------------------------------------- shapes
 
 
@@ -995,32 +997,6 @@ def run_benchmarks(
             if on_case is not None:
                 on_case(results)
     return results
-
-
-def steady_malloc() -> bool:
-    """Makes glibc keep freed memory instead of returning it to the OS (both libraries share it).
-
-    By default glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh mmap
-    pages and trims freed heap memory; on a VM each fresh page faults at a cost (about 5 ms per
-    36 MiB here), and how many calls pay it depends on the allocator's history, which makes CPU
-    timings bimodal (torch 1,1000,32,128 forward: 3.3 or 6.6 ms from one process to the next).
-    XLA:CPU takes one block for all of a program's temporaries (36 MiB for jit(grad) at
-    32,100,128,256), so a threshold alone leaves it faulting in every page on every call. Here
-    no block is mmapped, all threads share the main heap (thread arenas are mmapped heaps of at
-    most 64 MiB) and nothing is trimmed: after the first call, repeated calls reuse pages.
-    Call it before JAX or torch allocate. Returns False where mallopt is unavailable.
-    """
-    import ctypes
-    import ctypes.util
-
-    m_trim_threshold, m_mmap_threshold, m_mmap_max, m_arena_max = -1, -3, -4, -8
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        settings = ((m_trim_threshold, 1 << 30), (m_mmap_threshold, 32 * 1024 * 1024),
-                    (m_mmap_max, 0), (m_arena_max, 1))
-        return all(bool(libc.mallopt(option, value)) for option, value in settings)
-    except (OSError, AttributeError):
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

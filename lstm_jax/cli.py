@@ -13,6 +13,7 @@ Exit status: 0 done; 2 bad usage or config (one message, no traceback); 3 non-fi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,20 @@ def _default_workdir(task: str) -> Path:
     return path
 
 
+def _keep_freed_memory(cfg) -> bool:
+    """On CPU, a step that saves more activations than glibc's mmap threshold trains faster when
+    freed memory stays with the process (``lstm_jax._host_memory``: charlm ~10%). Called
+    before JAX starts its thread pools, which the setting must precede."""
+    from lstm_jax import _host_memory
+    from lstm_jax.train.config import step_activation_bytes
+
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    on_cpu = platforms == "cpu" or (not platforms and not _host_memory.accelerator_plugin_installed())
+    if _host_memory.keep_freed_memory_for(step_activation_bytes(cfg), platform_is_cpu=on_cpu):
+        return _host_memory.steady_malloc()
+    return False
+
+
 def _train(args) -> int:
     from lstm_jax.train.config import ConfigError, load_config, read_yaml
     from lstm_jax.train.loop import build_trainer, check_workdir, train_and_evaluate
@@ -78,6 +93,7 @@ def _train(args) -> int:
     if args.workdir and config_path is None and (Path(args.workdir) / "config.yaml").exists():
         base = read_yaml(Path(args.workdir) / "config.yaml")  # resuming: the run's own config
     cfg = load_config(config_path, overrides, base=base)
+    _keep_freed_memory(cfg)
     if not args.workdir and (cfg.distributed.coordinator_address or cfg.distributed.initialize):
         raise ConfigError("--workdir: a multi-process run needs one run dir that every process "
                           "names, on a filesystem they share")

@@ -137,7 +137,7 @@ def test_steady_malloc_reuses_a_freed_block_above_the_mmap_threshold():
 
     child = r"""
 import ctypes, resource, threading
-from lstm_jax.bench import steady_malloc
+from lstm_jax._host_memory import steady_malloc
 assert steady_malloc()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

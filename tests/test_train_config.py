@@ -154,3 +154,50 @@ def test_shipped_configs_load_and_say_how_to_run(name, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = load_config(path, overrides)
     assert cfg.task.name == name and isinstance(cfg, Config)
+
+
+def test_step_activation_bytes_counts_gates_cell_state_and_outputs():
+    from lstm_jax.train.config import step_activation_bytes
+
+    # Per layer and direction B * T * (4H gates + H cell + H_out outputs) float32 values.
+    cfg = load_config(None, ["model.hidden_size=512", "model.num_layers=2",
+                             "model.bidirectional=true", "model.proj_size=128",
+                             "train.batch_size=8", "task.seq_len=50"])
+    assert step_activation_bytes(cfg) == 8 * 50 * (4 * 512 + 512 + 128) * 4 * 2 * 2
+    copy = load_config(None, ["task.name=copy", "task.delay=30", "task.copy_length=5"])
+    assert step_activation_bytes(copy) == 32 * (30 + 2 * 5) * (6 * 128) * 4
+    copy.task.name = "classify"  # T comes from the data file
+    assert step_activation_bytes(copy) is None
+
+
+def test_freed_memory_is_kept_for_large_cpu_steps_or_when_asked(monkeypatch):
+    from lstm_jax._host_memory import MMAP_THRESHOLD_MAX, keep_freed_memory_for
+
+    monkeypatch.delenv("LSTM_JAX_KEEP_FREED_MEMORY", raising=False)
+    big, small = MMAP_THRESHOLD_MAX + 1, MMAP_THRESHOLD_MAX
+    assert keep_freed_memory_for(big, platform_is_cpu=True)
+    assert not keep_freed_memory_for(small, platform_is_cpu=True)
+    assert not keep_freed_memory_for(big, platform_is_cpu=False)
+    assert not keep_freed_memory_for(None, platform_is_cpu=True)
+    monkeypatch.setenv("LSTM_JAX_KEEP_FREED_MEMORY", "0")
+    assert not keep_freed_memory_for(big, platform_is_cpu=True)
+    monkeypatch.setenv("LSTM_JAX_KEEP_FREED_MEMORY", "1")
+    assert keep_freed_memory_for(small, platform_is_cpu=False)
+
+
+def test_train_command_keeps_freed_memory_only_above_the_threshold():
+    # In a child: the allocator setting is process-wide. 64 x 100 x 3072 floats (75 MiB) of
+    # activations are above glibc's 32 MiB mmap limit, the default task's 9.4 MiB below.
+    import os
+    import subprocess
+    import sys
+
+    child = ("from lstm_jax.cli import _keep_freed_memory as keep\n"
+             "from lstm_jax.train.config import load_config as load\n"
+             "print(keep(load(None, ['train.batch_size=64', 'model.hidden_size=512'])),"
+             " keep(load(None)))")
+    env = {k: v for k, v in os.environ.items() if k != "LSTM_JAX_KEEP_FREED_MEMORY"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                         check=True, env=env, cwd=REPO)
+    assert out.stdout.split() == ["True", "False"]

@@ -207,6 +207,28 @@ class Config:
 # Typed conversion
 # ----------------------------------------------------------------------------------------------
 
+def step_activation_bytes(cfg: Config) -> int | None:
+    """Bytes of float32 activations one training step saves for its backward pass (an estimate).
+
+    Per layer and direction the cell saves its gate activations, the previous cell state and
+    its outputs: ``B * T * (4H + H + H_out) * 4`` bytes. ``T`` is the task's sequence length;
+    None where it is only known from the data (``classify``).
+
+    Example::
+
+        step_activation_bytes(load_config("configs/charlm.yaml"))  # 64*100*3072*4 = 78,643,200
+    """
+    m, t = cfg.model, cfg.task
+    steps = {"adding": t.seq_len, "charlm": t.seq_len,
+             "copy": t.delay + 2 * t.copy_length}.get(t.name)
+    if steps is None:
+        return None
+    out = m.proj_size or m.hidden_size
+    per_row = 5 * m.hidden_size + out
+    directions = 2 if m.bidirectional else 1
+    return cfg.train.batch_size * steps * per_row * 4 * m.num_layers * directions
+
+
 def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
     match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
