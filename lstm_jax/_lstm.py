@@ -22,6 +22,7 @@ from lstm_jax._params import LSTMParams, LSTMState
 from lstm_jax.kernels import (
     choose_backend,
     cpu_layer,
+    cpu_remat_layer,
     cudnn_lstm,
     pallas_product,
     pallas_recurrence,
@@ -197,7 +198,7 @@ def lstm(
         GPU kernel holding ``w_hh`` on chip (small hidden sizes, no projection or variants);
         ``"cudnn"`` ``jax.experimental.rnn`` (GPU, float32, no projection or variants);
         ``"cpu"`` a C++ kernel running each layer's whole time loop in one XLA FFI call
-        (CPU, float32, projection included, no variants or remat; compiled with the host's C++
+        (CPU, float32, projection and remat included, no variants; compiled with the host's C++
         compiler on first use, :mod:`lstm_jax.kernels.cpu_native`). ``"auto"`` picks per
         platform and shape from measurements recorded in :mod:`lstm_jax.kernels.select`
         (``"scan"`` on TPU, and wherever nothing else measured faster or applies). An
@@ -309,6 +310,8 @@ def lstm(
     if chosen == "pallas":
         loop = functools.partial(pallas_recurrence, precision=precision,
                                  product=pallas_product(batch=B, hidden=H))
+    elif chosen == "cpu" and remat:
+        loop = functools.partial(cpu_remat_layer, remat_chunk(T), precision=precision)
     elif chosen == "cpu":
         loop = functools.partial(cpu_layer, precision=precision)
     elif not project:

@@ -809,7 +809,9 @@ MEMORY_VARIANTS = [
     # Off CPU, the activations written over x @ W_ih in place (CPU's default), to compare.
     Variant("lstm_jax-inplace", {"backend": "scan"}, gpu_only=True, in_place=True),
     Variant("lstm_jax-scan", {"backend": "scan"}),
+    Variant("lstm_jax-scan remat", {"backend": "scan", "remat": True}),
     Variant("lstm_jax-cpu", {"backend": "cpu"}, cpu_only=True),
+    Variant("lstm_jax-cpu remat", {"backend": "cpu", "remat": True}, cpu_only=True),
 ]
 
 

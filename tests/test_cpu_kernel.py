@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 
 import lstm_jax
-from lstm_jax._recurrence import recurrence
-from lstm_jax.kernels import choose_backend, cpu_layer, cpu_native, cpu_recurrence, select
+from lstm_jax._recurrence import recurrence, remat_recurrence
+from lstm_jax.kernels import (
+    choose_backend,
+    cpu_layer,
+    cpu_native,
+    cpu_recurrence,
+    cpu_remat_layer,
+    select,
+)
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu" or cpu_native.unavailable_reason() is not None,
@@ -342,7 +349,6 @@ def test_rejects_what_it_cannot_run():
     [
         (dict(platform="gpu"), "only on CPU"),
         (dict(platform="cpu", has_variants=True), "variants"),
-        (dict(platform="cpu", remat=True), "remat"),
         (dict(platform="cpu", dtype=jnp.bfloat16), "float32 only"),
     ],
 )
@@ -361,8 +367,16 @@ def test_auto_on_cpu_follows_the_measurements():
     assert pick(batch=32, hidden=256) == "scan"
     assert pick(batch=1, hidden=256) == "scan"  # above the largest H where the kernel won
     assert pick(batch=1, hidden=128, proj=8) == "cpu"
-    for kw in (dict(has_variants=True), dict(remat=True),
-               dict(dtype=jnp.bfloat16), dict(custom_grad=False)):
+    # cpu_remat_layer only inside select.REMAT_KERNEL_BATCH (batch 1: a chunk's few steps do
+    # not pay for packing W again).
+    wide = {(1, 1000, 32, 128): {"scan": 1.0, "cpu": 0.6},
+            (64, 100, 64, 128): {"scan": 1.0, "cpu": 0.9}}
+    remat = lambda batch: choose_backend("auto", platform="cpu", table=wide, batch=batch,
+                                         hidden=128, remat=True)
+    assert [remat(b) for b in (1, 4, 32, 64)] == ["scan", "cpu", "cpu", "scan"]
+    assert [choose_backend("auto", platform="cpu", table=wide, batch=b, hidden=128)
+            for b in (1, 4, 32, 64)] == ["cpu"] * 4
+    for kw in (dict(has_variants=True), dict(dtype=jnp.bfloat16), dict(custom_grad=False)):
         assert pick(batch=1, hidden=128, **kw) == "scan"
     assert choose_backend("auto", platform="cpu", table={}, batch=1, hidden=128) == "scan"
     assert choose_backend("auto", platform="tpu", table=table, batch=1, hidden=128) == "scan"
@@ -584,3 +598,69 @@ def test_vmapped_ensemble_of_bidirectional_stacks_matches_scan(checkpointed):
         return jax.jit(jax.grad(lambda e: jnp.sum(jax.vmap(one)(e))))(ensemble)
 
     _assert_close_trees(grads("cpu"), grads("scan"), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "steps,batch,inputs,hidden,proj,chunk,lengths,bias",
+    [
+        (23, 5, 3, 16, 0, 5, False, True),   # T padded to whole chunks with masked steps
+        (17, 2, 4, 8, 0, 4, True, True),     # batch 2: the input product outside the kernel
+        (30, 8, 6, 16, 8, 6, True, False),   # a projection, no bias
+        (40, 16, 8, 128, 0, 7, True, True),  # dx inside the kernel, a team of threads
+    ],
+    ids=["padded", "batch2-mask", "proj-nobias", "team-dx"],
+)
+def test_remat_layer_matches_the_scan_remat(steps, batch, inputs, hidden, proj, chunk, lengths,
+                                            bias):
+    k = jax.random.split(jax.random.key(7), 8)
+    out = proj or hidden
+    x = jax.random.normal(k[0], (steps, batch, inputs))
+    w_ih = jax.random.normal(k[1], (inputs, 4 * hidden)) / np.sqrt(inputs)
+    w_hh = jax.random.normal(k[2], (out, 4 * hidden)) / np.sqrt(out)
+    w_hr = jax.random.normal(k[3], (hidden, out)) / np.sqrt(hidden) if proj else None
+    h0 = 0.5 * jax.random.normal(k[4], (batch, out))
+    c0 = jax.random.normal(k[5], (batch, hidden))
+    b = 0.1 * jax.random.normal(k[6], (4 * hidden,)) if bias else None
+    mask = None
+    if lengths:
+        lens = jnp.concatenate([jnp.array([0, steps]),
+                                jax.random.randint(k[7], (batch,), 1, steps)])[:batch]
+        mask = jnp.arange(steps)[:, None] < lens[None, :]
+
+    def run(loop):
+        def loss(x, w_ih, w_hh, w_hr, h0, c0, b):
+            ys, (h, c) = loop(x, w_ih, w_hh, w_hr, h0, c0, mask, b)
+            weights = jnp.sin(jnp.arange(ys.size, dtype=jnp.float32)).reshape(ys.shape)
+            return jnp.sum(ys * weights) + jnp.sum(h * h) + 0.7 * jnp.sum(jnp.cos(c)), (ys, h, c)
+
+        grad = jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True)
+        return jax.jit(grad)(x, w_ih, w_hh, w_hr, h0, c0, b)
+
+    (_, got), got_grads = run(lambda *a: cpu_remat_layer(chunk, *a))
+    (_, want), want_grads = run(lambda *a: remat_recurrence(1, "highest", chunk, *a))
+    _assert_close_trees(got, want, 2e-6)
+    _assert_close_trees(got_grads, want_grads, 1e-5)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        cpu_remat_layer(0, x, w_ih, w_hh, w_hr, h0, c0, mask, b)
+
+
+def test_lstm_cpu_backend_with_remat_keeps_the_gradients_and_less_memory():
+    params = lstm_jax.init_lstm(jax.random.key(5), input_size=4, hidden_size=32,
+                                bidirectional=True)
+    x = jax.random.normal(jax.random.key(6), (4, 400, 4))
+    lengths = jnp.array([400, 399, 250, 3])
+
+    def grad(backend, remat):
+        def loss(p, x):
+            y, s = lstm_jax.lstm(p, x, seq_lengths=lengths, backend=backend, remat=remat)
+            return jnp.sum(y * jnp.sin(y)) + jnp.sum(s.h) + jnp.sum(s.c ** 2)
+        return jax.grad(loss, argnums=(0, 1))
+
+    _assert_close_trees(jax.jit(grad("cpu", True))(params, x),
+                        jax.jit(grad("scan", False))(params, x), 1e-5)
+    # Without remat the forward saves 4H + H floats per step and row (gates, c_{t-1}):
+    # 2 directions x 400 x 4 x 160 x 4 bytes = 2 MiB; with it, ~sqrt(T) steps of them.
+    temp = {remat: jax.jit(grad("cpu", remat)).lower(params, x).compile()
+            .memory_analysis().temp_size_in_bytes for remat in (False, True)}
+    saved = 2 * 400 * 4 * 5 * 32 * 4
+    assert temp[False] - temp[True] >= 0.7 * saved

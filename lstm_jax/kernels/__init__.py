@@ -6,7 +6,8 @@
   no projection).
 * :func:`cpu_recurrence`: a C++ kernel for one layer's time loop on CPU through XLA's FFI,
   compiled on first use with the host's compiler, same contract as the scan recurrence;
-  :func:`cpu_layer` the same with the input product inside (what ``backend="cpu"`` runs).
+  :func:`cpu_layer` the same with the input product inside (what ``backend="cpu"`` runs),
+  :func:`cpu_remat_layer` that rematerialised chunk by chunk (``remat=True``).
 * :func:`choose_backend`: picks ``"scan"``, ``"pallas"``, ``"cudnn"`` or ``"cpu"`` per
   platform and shape (:data:`BACKENDS` names them); :func:`pallas_product` picks the Pallas
   kernel's tensor-core (``"mma"``) or register (``"fma"``) products.
@@ -15,6 +16,7 @@
 """
 
 from lstm_jax.kernels.cpu_native import cpu_layer as cpu_layer
+from lstm_jax.kernels.cpu_native import cpu_remat_layer as cpu_remat_layer
 from lstm_jax.kernels.cpu_native import cpu_recurrence as cpu_recurrence
 from lstm_jax.kernels.cudnn import cudnn_lstm as cudnn_lstm
 from lstm_jax.kernels.cudnn import to_cudnn_weights as to_cudnn_weights
@@ -28,6 +30,7 @@ __all__ = [
     "BACKENDS",
     "choose_backend",
     "cpu_layer",
+    "cpu_remat_layer",
     "cpu_recurrence",
     "cudnn_lstm",
     "fits_on_chip",

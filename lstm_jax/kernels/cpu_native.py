@@ -482,8 +482,119 @@ def cpu_layer(
     if x.shape[-1] == 0:
         raise ValueError(f"x has no features: shape {x.shape}, expected (T, B, D) with D >= 1")
     _check(x, w_ih, w_hh, w_hr, h0, c0, mask, b)
-    config = _config(threads, helper_wait_us)
+    return _layer_loop(_config(threads, helper_wait_us), x, w_ih, w_hh, w_hr, h0, c0, mask, b)
+
+
+def _layer_loop(config, x, w_ih, w_hh, w_hr, h0, c0, mask, b):
+    """:func:`cpu_layer`'s dispatch after its checks: the input product inside the kernel
+    from batch :data:`FUSE_INPUT_MIN_BATCH`, one XLA product before it below."""
     if x.shape[1] < FUSE_INPUT_MIN_BATCH:
         xw = input_product(x, w_ih, jnp.float32)
         return _cpu_loop(config, xw, None, w_hh, w_hr, h0, c0, mask, b)
     return _cpu_loop(config, x, w_ih, w_hh, w_hr, h0, c0, mask, b)
+
+
+def _remat_chunks(x, mask, chunk):
+    """x and mask padded with masked steps to whole chunks: ``(n, chunk, B, ...)`` each."""
+    steps, batch = x.shape[:2]
+    n = -(-steps // chunk)
+    pad = n * chunk - steps
+    mask = jnp.ones((steps, batch), bool) if mask is None else mask
+    x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+    mask = jnp.pad(mask, ((0, pad), (0, 0)))
+    return x.reshape((n, chunk) + x.shape[1:]), mask.reshape((n, chunk, batch))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _cpu_remat_loop(config, chunk, x, w_ih, w_hh, w_hr, h0, c0, mask, b):
+    return _cpu_remat_fwd(config, chunk, x, w_ih, w_hh, w_hr, h0, c0, mask, b)[0]
+
+
+def _cpu_remat_fwd(config, chunk, x, w_ih, w_hh, w_hr, h0, c0, mask, b):
+    steps = x.shape[0]
+    x_c, mask_c = _remat_chunks(x, mask, chunk)
+
+    def chunk_step(state, inputs):
+        x_k, m_k = inputs
+        ys_k, new_state = _layer_loop(config, x_k, w_ih, w_hh, w_hr, *state, m_k, b)
+        return new_state, (ys_k, state)
+
+    (h, c), (ys_c, starts) = jax.lax.scan(chunk_step, (h0, c0), (x_c, mask_c))
+    ys = ys_c.reshape((-1,) + ys_c.shape[2:])[:steps]
+    return (ys, (h, c)), (x, w_ih, w_hh, w_hr, b, mask, starts)
+
+
+def _cpu_remat_bwd(config, chunk, residuals, cotangents):
+    x, w_ih, w_hh, w_hr, b, mask, starts = residuals
+    dys, (dh_n, dc_n) = cotangents
+    steps = x.shape[0]
+    x_c, mask_c = _remat_chunks(x, mask, chunk)
+    dys_c, _ = _remat_chunks(dys.astype(jnp.float32), None, chunk)
+
+    def chunk_step(carry, inputs):
+        state, sums = carry
+        x_k, m_k, dys_k, (h_k, c_k) = inputs
+
+        def run(x_k, w_ih, w_hh, w_hr, h_k, c_k, b):
+            return _layer_loop(config, x_k, w_ih, w_hh, w_hr, h_k, c_k, m_k, b)
+
+        # The chunk's forward pass again, now saving its activations, and its backward pass
+        # (the kernel's own, through _cpu_loop's custom_vjp).
+        _, pullback = jax.vjp(run, x_k, w_ih, w_hh, w_hr, h_k, c_k, b)
+        dx_k, *weights, dh_k, dc_k, db_k = pullback((dys_k, state))
+        sums = jax.tree_util.tree_map(jnp.add, sums, (*weights, db_k))
+        return ((dh_k, dc_k), sums), dx_k
+
+    zeros = tuple(None if w is None else jnp.zeros_like(w) for w in (w_ih, w_hh, w_hr, b))
+    init = ((dh_n.astype(jnp.float32), dc_n.astype(jnp.float32)), zeros)
+    ((dh0, dc0), (dw_ih, dw_hh, dw_hr, db)), dx_c = jax.lax.scan(
+        chunk_step, init, (x_c, mask_c, dys_c, starts), reverse=True)
+    dx = dx_c.reshape((-1,) + dx_c.shape[2:])[:steps]
+    return dx, dw_ih, dw_hh, dw_hr, dh0, dc0, None, db
+
+
+_cpu_remat_loop.defvjp(_cpu_remat_fwd, _cpu_remat_bwd)
+
+
+def cpu_remat_layer(
+    chunk: int,
+    x: Array,
+    w_ih: Array,
+    w_hh: Array,
+    w_hr: Array | None,
+    h0: Array,
+    c0: Array,
+    mask: Array | None,
+    b: Array | None = None,
+    *,
+    threads: int | None = None,
+    helper_wait_us: int | None = None,
+    precision=None,
+) -> tuple[Array, tuple[Array, Array]]:
+    """:func:`cpu_layer` rematerialised chunk by chunk (``lstm(..., backend="cpu", remat=True)``).
+
+    The forward pass runs the kernel over ``chunk`` steps at a time (about sqrt(T):
+    :func:`lstm_jax._recurrence.remat_chunk`) and keeps only the state entering each chunk,
+    none of the gate activations. The backward pass walks the chunks in reverse: each chunk's
+    forward loop again, saving its activations, then the kernel's backward loop and its
+    weight-gradient product, whose results are summed over the chunks. Working memory
+    O(T / chunk + chunk) steps instead of O(T) gate activations, for one more forward pass
+    (Chen et al. 2016). Same arguments and results as :func:`cpu_layer`; T is padded to whole
+    chunks with masked steps, which carry the state and output zero.
+
+    Example:
+      >>> T, B, D, H = 100, 4, 3, 8
+      >>> x = jnp.ones((T, B, D)); w_ih = jnp.zeros((D, 4 * H)); w = jnp.zeros((H, 4 * H))
+      >>> state = jnp.zeros((B, H))
+      >>> ys, (h, c) = cpu_remat_layer(10, x, w_ih, w, None, state, state, None)  # doctest: +SKIP
+    """
+    del precision
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (T, B, D), got {x.shape}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x has no features: shape {x.shape}, expected (T, B, D) with D >= 1")
+    _check(x, w_ih, w_hh, w_hr, h0, c0, mask, b)
+    return _cpu_remat_loop(_config(threads, helper_wait_us), int(chunk), x, w_ih, w_hh, w_hr,
+                           h0, c0, mask, b)

@@ -29,6 +29,14 @@ BACKENDS = ("auto", "scan", "pallas", "cudnn", "cpu")
 # 1.30 / 0.97: ratios move by ~5% between runs); the last four from a run at 12:47 UTC with
 # the weight gradients in the kernel (benchmarks/cpu-notes.md). The kernel won everywhere
 # but at 256 x 1024, a tie (1050 ms each), where the scan stays.
+# With remat=True the C++ kernel runs one call per chunk of ~sqrt(T) steps
+# (cpu_native.cpu_remat_layer), each packing W again and forming its team of threads again.
+# fwd+bwd against the scan's remat, in-process medians on the 2-core benchmark VM
+# (2026-11-27, benchmarks/cpu-notes.md): 4,1000,32,128 0.71, 8,10000,128,256 0.75,
+# 32,100,128,256 0.82, 16,500,128,128 0.84, 128,50,512,512 1.02, and at batch 1, where a
+# chunk's few steps do not pay for packing W: 1,1000,32,128 1.12, 1,500,64,512 1.53,
+# 1,200,64,1024 2.41. So `auto` takes the kernel for remat only in this batch range.
+REMAT_KERNEL_BATCH = (4, 32)
 MEASURED_CPU: dict[tuple[int, int, int, int], dict[str, float]] = {
     (1, 500, 64, 64): {"scan": 0.78, "cpu": 0.48},
     (1, 1000, 32, 128): {"scan": 0.96, "cpu": 0.54},
@@ -128,8 +136,6 @@ def cpu_unsupported_reason(*, platform: str, dtype, has_variants: bool = False,
         return f"the C++ LSTM kernel runs only on CPU (platform is {platform!r})"
     if has_variants:
         return "the C++ LSTM kernel implements only the plain LSTM cell, not the variants"
-    if remat:
-        return "the C++ LSTM kernel keeps all gate activations; remat=True needs the scan"
     if not _is_float(dtype, jnp.float32):
         return f"the C++ LSTM kernel supports float32 only, not {jnp.dtype(dtype)}"
     if build:
@@ -201,7 +207,7 @@ def choose_backend(
         precision).
       has_variants: a research variant (peephole, layer norm, CIFG, zoneout, recurrent
         dropout...) is active: only the scan implements them.
-      remat: rematerialisation was requested (only the scan has it).
+      remat: rematerialisation was requested (the scan and the CPU kernel have it).
       dropout_active: inter-layer dropout with a key (cuDNN cannot reproduce our mask).
       custom_grad: False asks for autodiff of the scan (a reference): "auto" gives "scan".
       interpret: allow "pallas" off-GPU in interpret mode (tests only).
@@ -273,6 +279,8 @@ def _auto_cpu(batch, hidden, dtype, has_variants, remat, table) -> str:
     wins = [key for key, times in table.items()
             if "cpu" in times and times["cpu"] < times.get("scan", float("inf"))]
     if not wins or batch > max(b for b, *_ in wins) or hidden > max(k[3] for k in wins):
+        return "scan"
+    if remat and not REMAT_KERNEL_BATCH[0] <= batch <= REMAT_KERNEL_BATCH[1]:
         return "scan"
     key = _nearest(batch, hidden, table)
     measured = table[key]
