@@ -43,7 +43,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from lstm_jax._host_memory import steady_malloc  # noqa: F401  (--steady-malloc; scripts)
+from lstm_jax._host_memory import steady_malloc  # --steady-malloc; benchmarks/ import it here
 
 # ----------------------------------------------------------------------------- shapes
 

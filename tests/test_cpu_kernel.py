@@ -604,11 +604,12 @@ def test_vmapped_ensemble_of_bidirectional_stacks_matches_scan(checkpointed):
     "steps,batch,inputs,hidden,proj,chunk,lengths,bias",
     [
         (23, 5, 3, 16, 0, 5, False, True),   # T padded to whole chunks with masked steps
+        (24, 5, 3, 16, 0, 6, False, True),   # whole chunks, no mask: the unmasked loop
         (17, 2, 4, 8, 0, 4, True, True),     # batch 2: the input product outside the kernel
         (30, 8, 6, 16, 8, 6, True, False),   # a projection, no bias
         (40, 16, 8, 128, 0, 7, True, True),  # dx inside the kernel, a team of threads
     ],
-    ids=["padded", "batch2-mask", "proj-nobias", "team-dx"],
+    ids=["padded", "whole", "batch2-mask", "proj-nobias", "team-dx"],
 )
 def test_remat_layer_matches_the_scan_remat(steps, batch, inputs, hidden, proj, chunk, lengths,
                                             bias):

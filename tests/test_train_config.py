@@ -1,5 +1,7 @@
 """The config schema: defaults, YAML, typed dotted overrides, and the errors that stop a run."""
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,6 +168,8 @@ def test_step_activation_bytes_counts_gates_cell_state_and_outputs():
     assert step_activation_bytes(cfg) == 8 * 50 * (4 * 512 + 512 + 128) * 4 * 2 * 2
     copy = load_config(None, ["task.name=copy", "task.delay=30", "task.copy_length=5"])
     assert step_activation_bytes(copy) == 32 * (30 + 2 * 5) * (6 * 128) * 4
+    remat = load_config(None, ["model.lstm_kwargs.remat=true"])  # ~2 sqrt(T) of T = 100
+    assert step_activation_bytes(remat) == 32 * 20 * (6 * 128) * 4
     copy.task.name = "classify"  # T comes from the data file
     assert step_activation_bytes(copy) is None
 
@@ -183,8 +187,46 @@ def test_freed_memory_is_kept_for_large_cpu_steps_or_when_asked(monkeypatch):
     assert not keep_freed_memory_for(big, platform_is_cpu=True)
     monkeypatch.setenv("LSTM_JAX_KEEP_FREED_MEMORY", "1")
     assert keep_freed_memory_for(small, platform_is_cpu=False)
+    monkeypatch.setenv("LSTM_JAX_KEEP_FREED_MEMORY", "auto")  # not a yes or no: unset
+    assert keep_freed_memory_for(big, platform_is_cpu=True)
+    assert not keep_freed_memory_for(small, platform_is_cpu=True)
 
 
+def test_an_installed_pjrt_plugin_counts_as_an_accelerator(monkeypatch):
+    import importlib.metadata
+
+    from lstm_jax import _host_memory
+
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: real(group="no-such-group"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setitem(sys.modules, "jax_plugins", None)  # import fails: none installed
+    assert not _host_memory.accelerator_plugin_installed()
+    fake = importlib.metadata.EntryPoint("xla_cuda12", "jax_cuda12_plugin", "jax_plugins")
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [fake] if group == "jax_plugins" else [])
+    assert _host_memory.accelerator_plugin_installed()
+
+
+def test_train_sets_the_allocator_before_jax_starts(monkeypatch):
+    from lstm_jax import cli
+    from lstm_jax.train import distributed
+
+    calls = []
+    monkeypatch.setattr(cli, "_keep_freed_memory", lambda cfg: calls.append("allocator"))
+
+    def initialize(cfg):  # the first thing that may start JAX's backends
+        calls.append("jax")
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(distributed, "initialize", initialize)
+    assert cli.main(["train", "train.steps=1"]) == 2
+    assert calls == ["allocator", "jax"]
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc",
+                    reason="mallopt's settings are glibc's")
 def test_train_command_keeps_freed_memory_only_above_the_threshold():
     # In a child: the allocator setting is process-wide. 64 x 100 x 3072 floats (75 MiB) of
     # activations are above glibc's 32 MiB mmap limit, the default task's 9.4 MiB below.

@@ -495,10 +495,13 @@ def _layer_loop(config, x, w_ih, w_hh, w_hr, h0, c0, mask, b):
 
 
 def _remat_chunks(x, mask, chunk):
-    """x and mask padded with masked steps to whole chunks: ``(n, chunk, B, ...)`` each."""
+    """x and mask padded with masked steps to whole chunks: ``(n, chunk, B, ...)`` each (mask
+    None stays None where no step is padded: the kernel's unmasked loop)."""
     steps, batch = x.shape[:2]
     n = -(-steps // chunk)
     pad = n * chunk - steps
+    if mask is None and pad == 0:
+        return x.reshape((n, chunk) + x.shape[1:]), None
     mask = jnp.ones((steps, batch), bool) if mask is None else mask
     x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
     mask = jnp.pad(mask, ((0, pad), (0, 0)))

@@ -126,7 +126,7 @@ def cudnn_unsupported_reason(*, platform: str, proj: int, dtype, has_variants: b
 
 
 def cpu_unsupported_reason(*, platform: str, dtype, has_variants: bool = False,
-                           remat: bool = False, build: bool = True) -> str | None:
+                           build: bool = True) -> str | None:
     """Why the C++ CPU kernel cannot run this call, or None when it can.
 
     With ``build`` (the default) the kernel is compiled if no cached build exists, so that a
@@ -240,7 +240,7 @@ def choose_backend(
         return "cudnn"
     if backend == "cpu":
         reason = cpu_unsupported_reason(platform=platform, dtype=dtype,
-                                        has_variants=has_variants, remat=remat)
+                                        has_variants=has_variants)
         if reason:
             raise ValueError(f'backend="cpu" cannot run this call: {reason}')
         return "cpu"
@@ -287,6 +287,5 @@ def _auto_cpu(batch, hidden, dtype, has_variants, remat, table) -> str:
     if "cpu" not in measured or measured["cpu"] >= measured.get("scan", float("inf")):
         return "scan"
     # Checked last: the first use on a machine compiles the kernel.
-    reason = cpu_unsupported_reason(platform="cpu", dtype=dtype,
-                                    has_variants=has_variants, remat=remat)
+    reason = cpu_unsupported_reason(platform="cpu", dtype=dtype, has_variants=has_variants)
     return "cpu" if reason is None else "scan"

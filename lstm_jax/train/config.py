@@ -211,8 +211,10 @@ def step_activation_bytes(cfg: Config) -> int | None:
     """Bytes of float32 activations one training step saves for its backward pass (an estimate).
 
     Per layer and direction the cell saves its gate activations, the previous cell state and
-    its outputs: ``B * T * (4H + H + H_out) * 4`` bytes. ``T`` is the task's sequence length;
-    None where it is only known from the data (``classify``).
+    its outputs: ``B * T * (4H + H + H_out) * 4`` bytes, ``B`` the global batch. ``T`` is the
+    task's sequence length, or about ``2 sqrt(T)`` steps with ``model.lstm_kwargs.remat``
+    (the states kept plus one chunk recomputed); None where it is only known from the data
+    (``classify``). XLA's temporaries for the step are about twice this.
 
     Example::
 
@@ -223,6 +225,8 @@ def step_activation_bytes(cfg: Config) -> int | None:
              "copy": t.delay + 2 * t.copy_length}.get(t.name)
     if steps is None:
         return None
+    if m.lstm_kwargs.get("remat"):
+        steps = min(steps, 2 * math.isqrt(steps - 1) + 2)
     out = m.proj_size or m.hidden_size
     per_row = 5 * m.hidden_size + out
     directions = 2 if m.bidirectional else 1
