@@ -373,6 +373,15 @@ def _check(first, w_ih, w_hh, w_hr, h0, c0, mask, b):
         raise ValueError(f"mask must be bool, got dtype {mask.dtype}")
 
 
+def _check_layer(x, w_ih, w_hh, w_hr, h0, c0, mask, b):
+    """:func:`_check` for a layer input ``x: (T, B, D)`` with ``w_ih``."""
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (T, B, D), got {x.shape}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x has no features: shape {x.shape}, expected (T, B, D) with D >= 1")
+    _check(x, w_ih, w_hh, w_hr, h0, c0, mask, b)
+
+
 def cpu_recurrence(
     xw: Array,
     w_hh: Array,
@@ -477,11 +486,7 @@ def cpu_layer(
       (5, 2, 8)
     """
     del precision
-    if x.ndim != 3:
-        raise ValueError(f"x must have shape (T, B, D), got {x.shape}")
-    if x.shape[-1] == 0:
-        raise ValueError(f"x has no features: shape {x.shape}, expected (T, B, D) with D >= 1")
-    _check(x, w_ih, w_hh, w_hr, h0, c0, mask, b)
+    _check_layer(x, w_ih, w_hh, w_hr, h0, c0, mask, b)
     return _layer_loop(_config(threads, helper_wait_us), x, w_ih, w_hh, w_hr, h0, c0, mask, b)
 
 
@@ -594,10 +599,6 @@ def cpu_remat_layer(
     del precision
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    if x.ndim != 3:
-        raise ValueError(f"x must have shape (T, B, D), got {x.shape}")
-    if x.shape[-1] == 0:
-        raise ValueError(f"x has no features: shape {x.shape}, expected (T, B, D) with D >= 1")
-    _check(x, w_ih, w_hh, w_hr, h0, c0, mask, b)
+    _check_layer(x, w_ih, w_hh, w_hr, h0, c0, mask, b)
     return _cpu_remat_loop(_config(threads, helper_wait_us), int(chunk), x, w_ih, w_hh, w_hr,
                            h0, c0, mask, b)
