@@ -127,7 +127,7 @@ class Variant(NamedTuple):
     """An lstm_jax configuration: ``lstm(params, x, **kwargs)``.
 
     ``gpu_only`` (``cpu_only``) variants are left out on other backends unless ``--impls``
-    names them.
+    names them; ``on_request`` ones are left out everywhere unless ``--impls`` names them.
     ``in_place``: force (True/False) whether the training forward pass writes the gate
     activations over ``x @ W_ih`` in place (``_recurrence.in_place_residuals``, CPU-only by
     default until measured elsewhere); None keeps the library's choice.
@@ -138,10 +138,12 @@ class Variant(NamedTuple):
     gpu_only: bool = False
     in_place: bool | None = None
     cpu_only: bool = False
+    on_request: bool = False
 
     def excluded_on(self, backend: str) -> bool:
         """Whether this variant is left out of the default table on ``backend``."""
-        return (self.gpu_only and backend != "gpu") or (self.cpu_only and backend != "cpu")
+        return (self.on_request or (self.gpu_only and backend != "gpu")
+                or (self.cpu_only and backend != "cpu"))
 
 
 # One line per lstm_jax configuration to time. Issue 7 adds e.g.
@@ -161,6 +163,11 @@ LSTM_JAX_VARIANTS = [
     Variant("lstm_jax-pallas", {"backend": "pallas"}, gpu_only=True),
     Variant("lstm_jax-pallas-bf16", {"backend": "pallas", "compute_dtype": "bfloat16"}, gpu_only=True),
     Variant("lstm_jax-cudnn", {"backend": "cudnn"}, gpu_only=True),
+    # Rematerialisation (long sequences): timed only when --impls names them.
+    Variant("lstm_jax-remat", {"remat": True}, on_request=True),
+    Variant("lstm_jax-scan-remat", {"backend": "scan", "remat": True}, on_request=True),
+    Variant("lstm_jax-cpu-remat", {"backend": "cpu", "remat": True}, cpu_only=True,
+            on_request=True),
 ]
 
 TORCH_HALF = ("torch-fp16", "torch-bf16")

@@ -84,6 +84,12 @@ def test_select_impls():
     assert {"lstm_jax-bf16", "jax.experimental.rnn", "torch-fp16", "torch-bf16"} <= set(gpu)
     sweep = bench.select_impls(bench.default_impls("cpu", [1, 4]), ["lstm_jax", "torch"], "cpu")
     assert [i.label for i in sweep] == ["lstm_jax u=1", "lstm_jax u=4", "torch"]
+    # Remat variants only when named exactly, not by a wildcard or by default.
+    assert not {label for label in cpu + gpu if "remat" in label}
+    star = [i.label for i in bench.select_impls(bench.default_impls("cpu"), ["lstm_jax*"], "cpu")]
+    assert "lstm_jax-scan" in star and not [label for label in star if "remat" in label]
+    named = bench.select_impls(bench.default_impls("cpu"), ["lstm_jax-cpu-remat"], "cpu")
+    assert [i.label for i in named] == ["lstm_jax-cpu-remat"]
 
 
 def test_memory_mode_reports_the_residuals_and_remat_saves(tmp_path):
