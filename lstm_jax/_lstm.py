@@ -24,6 +24,7 @@ from lstm_jax.kernels import (
     cpu_layer,
     cpu_remat_layer,
     cudnn_lstm,
+    kernel_remat_chunk,
     pallas_product,
     pallas_recurrence,
 )
@@ -177,7 +178,7 @@ def lstm(
         too, so no (T, B, 4H) array is kept: at T=10,000, B=8, H=256 ``jit(grad)`` needs
         130 MiB of working memory instead of 859 MiB (layer-norm LSTM: 145 instead of
         2735), for one more forward pass (29-47% more time for the scan on the 2-core CPU;
-        the C++ kernel's remat, ``backend="cpu"``, 1.66 s against the scan's 2.22 s there).
+        the C++ kernel's remat, ``backend="cpu"``, 1.47 s against the scan's 2.12 s there).
       custom_grad: use the hand-written backward pass (True) or JAX autodiff of the scan
         (False). The hand-written one is reverse mode only (``jax.grad``, ``jax.vjp``,
         ``jax.hessian``); forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) needs
@@ -312,7 +313,7 @@ def lstm(
         loop = functools.partial(pallas_recurrence, precision=precision,
                                  product=pallas_product(batch=B, hidden=H))
     elif chosen == "cpu" and remat:
-        loop = functools.partial(cpu_remat_layer, remat_chunk(T), precision=precision)
+        loop = functools.partial(cpu_remat_layer, kernel_remat_chunk(T), precision=precision)
     elif chosen == "cpu":
         loop = functools.partial(cpu_layer, precision=precision)
     elif not project:

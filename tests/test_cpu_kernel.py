@@ -367,15 +367,16 @@ def test_auto_on_cpu_follows_the_measurements():
     assert pick(batch=32, hidden=256) == "scan"
     assert pick(batch=1, hidden=256) == "scan"  # above the largest H where the kernel won
     assert pick(batch=1, hidden=128, proj=8) == "cpu"
-    # cpu_remat_layer only inside select.REMAT_KERNEL_BATCH (batch 1: a chunk's few steps do
-    # not pay for packing W again).
-    wide = {(1, 1000, 32, 128): {"scan": 1.0, "cpu": 0.6},
-            (64, 100, 64, 128): {"scan": 1.0, "cpu": 0.9}}
-    remat = lambda batch: choose_backend("auto", platform="cpu", table=wide, batch=batch,
-                                         hidden=128, remat=True)
-    assert [remat(b) for b in (1, 4, 32, 64)] == ["scan", "cpu", "cpu", "scan"]
-    assert [choose_backend("auto", platform="cpu", table=wide, batch=b, hidden=128)
-            for b in (1, 4, 32, 64)] == ["cpu"] * 4
+    # cpu_remat_layer, but not below batch 4 from H = 512 (a chunk's steps there do not pay
+    # for packing W again): select.REMAT_SMALL_BATCH, REMAT_WIDE_HIDDEN.
+    wide = {(1, 1000, 32, 1024): {"scan": 1.0, "cpu": 0.6},
+            (64, 100, 64, 1024): {"scan": 1.0, "cpu": 0.9}}
+    remat = lambda batch, hidden: choose_backend("auto", platform="cpu", table=wide,
+                                                 batch=batch, hidden=hidden, remat=True)
+    assert [remat(b, 256) for b in (1, 3, 4, 64)] == ["cpu"] * 4
+    assert [remat(b, 512) for b in (1, 3, 4, 64)] == ["scan", "scan", "cpu", "cpu"]
+    assert [choose_backend("auto", platform="cpu", table=wide, batch=b, hidden=512)
+            for b in (1, 3)] == ["cpu"] * 2
     for kw in (dict(has_variants=True), dict(dtype=jnp.bfloat16), dict(custom_grad=False)):
         assert pick(batch=1, hidden=128, **kw) == "scan"
     assert choose_backend("auto", platform="cpu", table={}, batch=1, hidden=128) == "scan"

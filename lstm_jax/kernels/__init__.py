@@ -17,6 +17,7 @@
 
 from lstm_jax.kernels.cpu_native import cpu_layer as cpu_layer
 from lstm_jax.kernels.cpu_native import cpu_remat_layer as cpu_remat_layer
+from lstm_jax.kernels.cpu_native import kernel_remat_chunk as kernel_remat_chunk
 from lstm_jax.kernels.cpu_native import cpu_recurrence as cpu_recurrence
 from lstm_jax.kernels.cudnn import cudnn_lstm as cudnn_lstm
 from lstm_jax.kernels.cudnn import to_cudnn_weights as to_cudnn_weights
@@ -34,6 +35,7 @@ __all__ = [
     "cpu_recurrence",
     "cudnn_lstm",
     "fits_on_chip",
+    "kernel_remat_chunk",
     "pallas_product",
     "pallas_recurrence",
     "to_cudnn_weights",

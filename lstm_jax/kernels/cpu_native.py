@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lstm_jax._cell import input_product, matmul
-from lstm_jax._recurrence import projection_grad
+from lstm_jax._recurrence import projection_grad, remat_chunk
 
 Array = jax.Array
 
@@ -499,6 +499,18 @@ def _layer_loop(config, x, w_ih, w_hh, w_hr, h0, c0, mask, b):
     return _cpu_loop(config, x, w_ih, w_hh, w_hr, h0, c0, mask, b)
 
 
+def kernel_remat_chunk(steps: int) -> int:
+    """Steps per kernel call under remat: twice the scan's ~sqrt(T) (capped at T).
+
+    Each call packs W and forms its team of threads again; twice as many steps per call
+    (so half as many states kept, twice the activations of one chunk at a time) made
+    ``jit(grad)`` of one layer 12-15% faster at 32,100,128,256, 4,1000,32,128 and
+    8,2000,128,256 and 5% at 8,10000,128,256, for 0.4-8 MiB more working memory there
+    (benchmarks/cpu-notes.md).
+    """
+    return min(max(steps, 1), 2 * remat_chunk(steps))
+
+
 def _remat_chunks(x, mask, chunk):
     """x and mask padded with masked steps to whole chunks: ``(n, chunk, B, ...)`` each (mask
     None stays None where no step is padded: the kernel's unmasked loop)."""
@@ -581,8 +593,8 @@ def cpu_remat_layer(
 ) -> tuple[Array, tuple[Array, Array]]:
     """:func:`cpu_layer` rematerialised chunk by chunk (``lstm(..., backend="cpu", remat=True)``).
 
-    The forward pass runs the kernel over ``chunk`` steps at a time (about sqrt(T):
-    :func:`lstm_jax._recurrence.remat_chunk`) and keeps only the state entering each chunk,
+    The forward pass runs the kernel over ``chunk`` steps at a time (about 2 sqrt(T):
+    :func:`kernel_remat_chunk`) and keeps only the state entering each chunk,
     none of the gate activations. The backward pass walks the chunks in reverse: each chunk's
     forward loop again, saving its activations, then the kernel's backward loop and its
     weight-gradient product, whose results are summed over the chunks. Working memory

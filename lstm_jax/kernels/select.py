@@ -29,14 +29,15 @@ BACKENDS = ("auto", "scan", "pallas", "cudnn", "cpu")
 # 1.30 / 0.97: ratios move by ~5% between runs); the last four from a run at 12:47 UTC with
 # the weight gradients in the kernel (benchmarks/cpu-notes.md). The kernel won everywhere
 # but at 256 x 1024, a tie (1050 ms each), where the scan stays.
-# With remat=True the C++ kernel runs one call per chunk of ~sqrt(T) steps
+# With remat=True the C++ kernel runs one call per chunk of ~2 sqrt(T) steps
 # (cpu_native.cpu_remat_layer), each packing W again and forming its team of threads again.
 # fwd+bwd against the scan's remat, in-process medians on the 2-core benchmark VM
-# (2026-11-27, benchmarks/cpu-notes.md): 4,1000,32,128 0.71, 8,10000,128,256 0.75,
-# 32,100,128,256 0.82, 16,500,128,128 0.84, 128,50,512,512 1.02, and at batch 1, where a
-# chunk's few steps do not pay for packing W: 1,1000,32,128 1.12, 1,500,64,512 1.53,
-# 1,200,64,1024 2.41. So `auto` takes the kernel for remat only in this batch range.
-REMAT_KERNEL_BATCH = (4, 32)
+# (2026-11-27, benchmarks/cpu-notes.md): 4,1000,32,128 0.68, 8,10000,128,256 0.69,
+# 2,500,64,256 0.72, 32,100,128,256 0.74, 16,500,128,128 0.78, 128,50,512,512 0.96; at batch
+# 1 1,1000,32,128 0.78 and 1,1000,32,256 0.73, but 1,500,64,512 1.17 and 1,200,64,1024 1.33:
+# there a step streams W from memory and a chunk's steps do not pay for packing it again.
+# So `auto` keeps the scan for remat below batch 4 from H = 512.
+REMAT_SMALL_BATCH, REMAT_WIDE_HIDDEN = 4, 512
 MEASURED_CPU: dict[tuple[int, int, int, int], dict[str, float]] = {
     (1, 500, 64, 64): {"scan": 0.78, "cpu": 0.48},
     (1, 1000, 32, 128): {"scan": 0.96, "cpu": 0.54},
@@ -280,7 +281,7 @@ def _auto_cpu(batch, hidden, dtype, has_variants, remat, table) -> str:
             if "cpu" in times and times["cpu"] < times.get("scan", float("inf"))]
     if not wins or batch > max(b for b, *_ in wins) or hidden > max(k[3] for k in wins):
         return "scan"
-    if remat and not REMAT_KERNEL_BATCH[0] <= batch <= REMAT_KERNEL_BATCH[1]:
+    if remat and batch < REMAT_SMALL_BATCH and hidden >= REMAT_WIDE_HIDDEN:
         return "scan"
     key = _nearest(batch, hidden, table)
     measured = table[key]
