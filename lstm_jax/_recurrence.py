@@ -219,9 +219,22 @@ def _recurrence_bwd(unroll, precision, residuals, cotangents):
 recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def remat_chunk(steps: int) -> int:
-    """Steps between saved states for rematerialisation: about sqrt(T) (Chen et al. 2016)."""
-    return max(1, math.isqrt(max(steps, 1)))
+def remat_chunk(steps: int, scale: int = 1) -> int:
+    """Steps between saved states for rematerialisation: about ``scale * sqrt(T)`` (Chen et al.
+    2016), preferring a divisor of T within a factor of two of it.
+
+    A T that is not a whole number of chunks is padded with masked steps, and the padding
+    copies every T-long array of the loop (x, the output gradient, dx): at B=8, T=9973,
+    H=256 the working memory of ``jit(grad)`` was 165 MiB against 130 at T=10,000. A divisor
+    avoids that wherever T has one near the target (e.g. T=1000: 25 rather than 31).
+    """
+    steps = max(steps, 1)
+    target = min(steps, scale * math.isqrt(steps))
+    divisors = [c for c in range(max(1, target // 2), min(steps, 2 * target) + 1)
+                if steps % c == 0]
+    if not divisors:
+        return target
+    return min(divisors, key=lambda c: (abs(c - target), -c))
 
 
 def _chunked(a, mask, chunk):

@@ -449,3 +449,22 @@ def test_cell_state_comes_back_in_float32_for_bfloat16_input():
         cell_state, _ = lstm_cell(params.layers[0][0], cell_state, x[:, t])
         cell_state = LSTMState(cell_state.h.astype(jnp.bfloat16), cell_state.c)
     np.testing.assert_allclose(state.c[0], cell_state.c, rtol=2e-2, atol=2e-2)
+
+
+def test_remat_chunks_divide_t_where_a_divisor_is_near_sqrt_t():
+    import math
+
+    from lstm_jax._recurrence import remat_chunk
+
+    # Padding T to whole chunks copies every T-long array: a divisor within a factor of two
+    # of scale * isqrt(T) is taken instead, the one nearest to it.
+    assert [remat_chunk(t) for t in (100, 1000, 2000, 9973, 10000)] == [10, 25, 40, 99, 100]
+    assert [remat_chunk(t, scale=2) for t in (100, 1000, 9973, 10000)] == [20, 50, 198, 200]
+    for t in range(1, 2500):
+        target = min(t, math.isqrt(t))
+        near = [c for c in range(max(1, target // 2), min(t, 2 * target) + 1) if t % c == 0]
+        c = remat_chunk(t)
+        if near:
+            assert t % c == 0 and abs(c - target) == min(abs(d - target) for d in near)
+        else:
+            assert c == target

@@ -508,7 +508,7 @@ def kernel_remat_chunk(steps: int) -> int:
     8,2000,128,256 and 5% at 8,10000,128,256, for 0.4-8 MiB more working memory there
     (benchmarks/cpu-notes.md).
     """
-    return min(max(steps, 1), 2 * remat_chunk(steps))
+    return remat_chunk(steps, scale=2)
 
 
 def _remat_chunks(x, mask, chunk):
