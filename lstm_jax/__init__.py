@@ -7,6 +7,7 @@ Gate order i, f, g, o; state ``LSTMState(h, c)``.
 """
 
 from lstm_jax._cell import lstm_cell as lstm_cell
+from lstm_jax._host_memory import steady_malloc as keep_freed_memory
 from lstm_jax._cell import variant_step as variant_step
 from lstm_jax._interop import from_torch as from_torch
 from lstm_jax._interop import to_torch as to_torch
@@ -26,6 +27,7 @@ __all__ = [
     "default_unroll",
     "from_torch",
     "init_lstm",
+    "keep_freed_memory",
     "lstm",
     "lstm_cell",
     "to_torch",

@@ -35,6 +35,9 @@ ENV_VARIABLE = "LSTM_JAX_KEEP_FREED_MEMORY"
 def steady_malloc() -> bool:
     """Makes glibc keep freed memory instead of returning it to the OS (process-wide).
 
+    Public as ``lstm_jax.keep_freed_memory()``: the first call of a CPU training script whose
+    steps allocate more than 32 MiB of temporaries (``lstm-jax train`` decides by itself).
+
     No block is mmapped, all threads share the main heap (thread arenas are mmapped heaps of at
     most 64 MiB) and nothing is trimmed: after the first call of a program, repeated calls
     reuse resident pages. Call it before JAX or torch allocate (before their thread pools
