@@ -500,7 +500,8 @@ def _layer_loop(config, x, w_ih, w_hh, w_hr, h0, c0, mask, b):
 
 
 def kernel_remat_chunk(steps: int) -> int:
-    """Steps per kernel call under remat: twice the scan's ~sqrt(T) (capped at T).
+    """Steps per kernel call under remat: about twice the scan's sqrt(T), capped at T, and a
+    divisor of T where one is near (:func:`lstm_jax._recurrence.remat_chunk`).
 
     Each call packs W and forms its team of threads again; twice as many steps per call
     (so half as many states kept, twice the activations of one chunk at a time) made
