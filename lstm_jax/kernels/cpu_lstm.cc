@@ -260,6 +260,15 @@ inline void stream_floats(float* dst, const float* src, int64_t n) {
 #endif
 }
 
+// What the forward pass saves for the backward: streamed (stream_floats) or copied.
+inline void save_floats(float* dst, const float* src, int64_t n, bool stream) {
+  if (stream) {
+    stream_floats(dst, src, n);
+  } else {
+    copy_floats(dst, src, n);
+  }
+}
+
 inline void stream_fence() {
 #if defined(__AVX512F__)
   _mm_sfence();
@@ -388,7 +397,6 @@ inline int64_t grad_block_rows(int64_t D, int64_t P) {
 
 // Columns [n0, n0 + cols) of every gradient. `packed` holds grad_block_rows(D, P) * cols
 // floats, `strips` grad_strips(D, P) * strip_stride(grad_block_rows(D, P)).
-
 void weight_grad_columns(const WeightGradArgs& a, int64_t n0, int64_t cols, float* packed,
                          float* strips) {
   const int64_t N = a.N, D = a.x != nullptr ? a.D : 0;
@@ -559,13 +567,7 @@ inline void prefetch_rows(const float* base, int64_t row0, int64_t rows, int64_t
 inline void scatter_gates(const float* packed, int64_t H, const Part& part, float* row,
                           bool stream) {
   const int64_t n = part.width();
-  for (int q = 0; q < 4; ++q) {
-    if (stream) {
-      stream_floats(row + q * H + part.u0, packed + q * n, n);
-    } else {
-      copy_floats(row + q * H + part.u0, packed + q * n, n);
-    }
-  }
+  for (int q = 0; q < 4; ++q) save_floats(row + q * H + part.u0, packed + q * n, n, stream);
 }
 
 // Saved activations (and c_{t-1}) of at least this many bytes are written with streaming
@@ -696,13 +698,7 @@ class ForwardRun {
       activate(zr + 3 * n, n, 0.5f);  // o
       const float *gi = zr, *gf = zr + n, *gg = zr + 2 * n, *go = zr + 3 * n;
       float* cr = c_.data() + b * H + u.u0;
-      if (a_.c_prev != nullptr) {
-        if (stream_saved_) {
-          stream_floats(a_.c_prev + row * H + u.u0, cr, n);
-        } else {
-          copy_floats(a_.c_prev + row * H + u.u0, cr, n);
-        }
-      }
+      if (a_.c_prev != nullptr) save_floats(a_.c_prev + row * H + u.u0, cr, n, stream_saved_);
       if (d_.projection) {
         // r_t of these units for the whole team; masked rows keep their state, and their
         // r is never used.
@@ -1250,7 +1246,6 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t threads, int64_t grace_us,
       });
   return ok ? ffi::Error::Success() : failed("backward");
 }
-
 
 ffi::Error WeightGradImpl(ffi::ThreadPool pool, int64_t threads, bool has_input, bool has_bias,
                           F32 x, F32 h0, F32 ys, F32 dz, Out dw_ih, Out dw_hh, Out db) {
