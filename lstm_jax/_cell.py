@@ -42,7 +42,7 @@ def summed_outer(a: Array, g: Array, acc_dtype, precision=None) -> Array:
     operand: an input or a hidden state) transposed. Given the contraction over ``(t, b)``
     itself, XLA:CPU transposed the wide ``(T, B, 4H)`` gradient instead, a copy that costs
     up to 20 ms at 32,100,128,256 when an elementwise producer is fused into it
-    (``benchmarks/results/cpu-2core.md``).
+    (``benchmarks/results/cpu-2core-amd-epyc.md``).
     """
     a2 = a.reshape(-1, a.shape[-1])
     g2 = g.reshape(-1, g.shape[-1]).astype(a.dtype)
@@ -97,7 +97,7 @@ def activate_gates(z: Array) -> Array:
     1 for the tanh gate): ``act = k * tanh(k * z) + (1 - k)``, since
     ``sigmoid(z) = 0.5 * tanh(z / 2) + 0.5``. On CPU this is one contiguous vectorised pass
     instead of three logistic and one tanh over column slices (measured in
-    ``benchmarks/results/cpu-2core.md``: the forward step 10-35% faster).
+    ``benchmarks/results/cpu-2core-amd-epyc.md``: the forward step 10-35% faster).
     """
     k = _gate_scale(z.shape[-1] // 4, z.dtype)
     return k * jnp.tanh(k * z) + (1.0 - k)

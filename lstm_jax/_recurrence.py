@@ -102,7 +102,7 @@ def _backward_step(w_hh_t, w_hr_t, precision, carry, inputs):
 def in_place_residuals() -> bool:
     """Whether the training forward pass writes the gate activations over ``xw`` in place.
 
-    Measured on CPU (``benchmarks/results/cpu-2core.md``): 13% less temporary memory for
+    Measured on CPU (``benchmarks/results/cpu-2core-amd-epyc.md``): 13% less temporary memory for
     ``jit(grad)`` and 3-4% faster. Other platforms keep the scan's stacked output until it is
     measured there (XLA must not copy the buffer at each step; on CPU it does not).
     """

@@ -708,13 +708,26 @@ def _groups(results: list[Result]):
 
 
 def machine_name() -> str:
-    """``cpu-<n>core`` on CPU, the slugged device kind on an accelerator (``nvidia-h100-80gb-hbm3``)."""
+    """``cpu-<n>core-<family>`` on CPU (``cpu-2core-intel-xeon``, ``cpu-2core-amd-epyc``: the
+    same VM size came as either, and the two rank the libraries differently), the slugged
+    device kind on an accelerator (``nvidia-h100-80gb-hbm3``)."""
     import jax
 
     if jax.default_backend() == "cpu":
-        return f"cpu-{os.cpu_count()}core"
+        family = cpu_family(_cpu_model())
+        return f"cpu-{os.cpu_count()}core" + (f"-{family}" if family else "")
     kind = jax.devices()[0].device_kind
     return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
+
+
+def cpu_family(model: str) -> str:
+    """The vendor and family of a CPU model name, slugged: ``"Intel(R) Xeon(R) Processor @
+    2.50GHz"`` gives ``"intel-xeon"``, ``"AMD EPYC 9B14"`` gives ``"amd-epyc"``, and an
+    unknown model ``""``."""
+    text = re.sub(r"\((r|tm)\)|@.*$", " ", model.lower())
+    words = [w for w in re.split(r"[^a-z0-9]+", text)
+             if w and w not in ("processor", "cpu", "unknown")]
+    return "-".join(words[:2])
 
 
 def _cpu_model() -> str:

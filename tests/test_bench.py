@@ -30,6 +30,16 @@ def test_parse_shape():
         bench.parse_shape("32,100,128")
 
 
+def test_cpu_family_names_the_vendor_and_family():
+    # The benchmark VM came as both; their tables are kept apart.
+    assert bench.cpu_family("Intel(R) Xeon(R) Processor @ 2.50GHz") == "intel-xeon"
+    assert bench.cpu_family("AMD EPYC") == "amd-epyc"
+    assert bench.cpu_family("AMD EPYC 9B14 96-Core Processor") == "amd-epyc"
+    assert bench.cpu_family("Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz") == "intel-core"
+    assert bench.cpu_family("") == ""
+    assert re.fullmatch(r"cpu-\d+core(-[a-z0-9]+)*", bench.machine_name())
+
+
 def test_bench_main_tiny(tmp_path, capsys):
     out = tmp_path / "tiny.md"
     assert bench.main(["--shapes", "2,3,3,4", "--repeats", "1", "--warmup", "0",

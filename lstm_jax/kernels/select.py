@@ -23,7 +23,7 @@ BACKENDS = ("auto", "scan", "pallas", "cudnn", "cpu")
 # process on the 2-core AMD EPYC benchmark VM (jax 0.10.2, torch 2.13.0), keyed by (batch,
 # steps, input_size, hidden). "cpu" is the C++ kernel (threads split the hidden units of one
 # sequence, or take whole problems; from batch 4 the input product runs inside it), "scan"
-# the lax.scan loop. The first seven rows are from benchmarks/results/cpu-2core.md
+# the lax.scan loop. The first seven rows are from benchmarks/results/cpu-2core-amd-epyc.md
 # (2026-11-27 10:18 UTC), the rest from a run of those two and torch at 10:37 UTC
 # (benchmarks/cpu-notes.md, where 128,50,512,512 read 1.12 / 1.06 and 32,100,128,256
 # 1.30 / 0.97: ratios move by ~5% between runs); the last four from a run at 12:47 UTC with
