@@ -53,3 +53,24 @@ def lstm_reference(params, x, h0=None, c0=None, lengths=None):
                 h_n[k, b], c_n[k, b] = h[0], c[0]
         inp = out
     return inp, h_n, c_n
+
+
+def normal(seed, shape, scale=1.0, dtype=np.float32):
+    """Standard normal test input from NumPy, times ``scale``, as a JAX array.
+
+    ``jax.random.normal`` compiles a program for every new shape (0.2-0.7 s each on the
+    2-core Xeon): a test that draws six arrays spent half its time there.
+    """
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    return jnp.asarray((scale * rng.standard_normal(shape)).astype(dtype))
+
+
+def lengths_mask(seed, steps, batch):
+    """A (T, B) mask of sequence lengths: 0 and ``steps`` first (a sequence that never starts,
+    one that runs through), the rest drawn from [1, steps)."""
+    import jax.numpy as jnp
+
+    lens = np.concatenate([[0, steps], np.random.default_rng(seed).integers(1, steps, batch)])
+    return jnp.asarray(np.arange(steps)[:, None] < lens[None, :batch])

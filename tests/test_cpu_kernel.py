@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import lengths_mask, normal
 
 import lstm_jax
 from lstm_jax._recurrence import recurrence, remat_recurrence
@@ -31,18 +32,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def _problem(steps, batch, hidden, seed=0, lengths=False, bias=True):
-    k = jax.random.split(jax.random.key(seed), 6)
-    xw = jax.random.normal(k[0], (steps, batch, 4 * hidden))
-    w_hh = jax.random.normal(k[1], (hidden, 4 * hidden)) / np.sqrt(hidden)
-    h0 = 0.5 * jax.random.normal(k[2], (batch, hidden))
-    c0 = jax.random.normal(k[3], (batch, hidden))
-    b = 0.1 * jax.random.normal(k[4], (4 * hidden,)) if bias else None
-    mask = None
-    if lengths:
-        # Lengths 0 and `steps` included: a sequence that never starts, one that runs through.
-        lens = jnp.concatenate([jnp.array([0, steps]),
-                                jax.random.randint(k[5], (batch,), 1, steps)])[:batch]
-        mask = jnp.arange(steps)[:, None] < lens[None, :]
+    xw = normal((seed, 0), (steps, batch, 4 * hidden))
+    w_hh = normal((seed, 1), (hidden, 4 * hidden), 1 / np.sqrt(hidden))
+    h0 = normal((seed, 2), (batch, hidden), 0.5)
+    c0 = normal((seed, 3), (batch, hidden))
+    b = normal((seed, 4), (4 * hidden,), 0.1) if bias else None
+    mask = lengths_mask((seed, 5), steps, batch) if lengths else None
     return xw, w_hh, h0, c0, mask, b
 
 
@@ -65,8 +60,9 @@ def _scan(xw, w_hh, w_hr, h0, c0, mask, b):
 
 def _assert_close_trees(got, want, rtol):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        scale = float(jnp.max(jnp.abs(w))) + 1e-6
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=rtol * scale)
+        w = np.asarray(w)  # (in NumPy: jnp would compile a max and an abs for every shape)
+        scale = float(np.max(np.abs(w))) + 1e-6
+        np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=rtol * scale)
 
 
 @pytest.mark.parametrize(
@@ -90,10 +86,9 @@ def test_matches_scan_forward_and_gradients(steps, batch, hidden, lengths, bias)
 
 def _projected(steps, batch, hidden, proj, seed=1, lengths=False):
     xw, w_hh, h0, c0, mask, b = _problem(steps, batch, hidden, seed=seed, lengths=lengths)
-    k = jax.random.split(jax.random.key(seed + 100), 3)
-    w_hh = jax.random.normal(k[0], (proj, 4 * hidden)) / np.sqrt(proj)
-    w_hr = jax.random.normal(k[1], (hidden, proj)) / np.sqrt(hidden)
-    h0 = 0.5 * jax.random.normal(k[2], (batch, proj))
+    w_hh = normal((seed, 10), (proj, 4 * hidden), 1 / np.sqrt(proj))
+    w_hr = normal((seed, 11), (hidden, proj), 1 / np.sqrt(hidden))
+    h0 = normal((seed, 12), (batch, proj), 0.5)
     return xw, w_hh, w_hr, h0, c0, mask, b
 
 
@@ -153,9 +148,8 @@ def test_layer_with_the_input_product_inside_matches_scan(steps, batch, inputs, 
     else:
         xw, w_hh, w_hr, h0, c0, mask, b = _projected(steps, batch, hidden, proj,
                                                      lengths=lengths)
-    k = jax.random.split(jax.random.key(7), 2)
-    x = jax.random.normal(k[0], (steps, batch, inputs))
-    w_ih = jax.random.normal(k[1], (inputs, 4 * hidden)) / np.sqrt(inputs)
+    x = normal((7, 0), (steps, batch, inputs))
+    w_ih = normal((7, 1), (inputs, 4 * hidden), 1 / np.sqrt(inputs))
 
     def loss(loop, x, w_ih, w_hh, w_hr, h0, c0, b):
         ys, (h, c) = loop(x, w_ih, w_hh, w_hr, h0, c0, mask, b)
@@ -289,7 +283,7 @@ def test_vmapped_problems_match_one_by_one():
 def test_lstm_cpu_backend_matches_scan_bidirectional_stack():
     params = lstm_jax.init_lstm(jax.random.key(3), input_size=6, hidden_size=16, num_layers=2,
                                 bidirectional=True)
-    x = jax.random.normal(jax.random.key(4), (3, 9, 6))
+    x = normal(4, (3, 9, 6))
     lengths = jnp.array([9, 4, 1])
 
     def loss(backend):
@@ -589,7 +583,7 @@ def test_vmapped_ensemble_of_bidirectional_stacks_matches_scan(checkpointed):
     # leading problem dimensions; under jax.checkpoint its forward runs again in the backward.
     params = lstm_jax.init_lstm(jax.random.key(0), 4, 16, num_layers=2, bidirectional=True)
     ensemble = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a, -a]), params)
-    x = jax.random.normal(jax.random.key(1), (2, 7, 4))
+    x = normal(1, (2, 7, 4))
     lengths = jnp.array([7, 3])
 
     def grads(backend):
@@ -614,20 +608,15 @@ def test_vmapped_ensemble_of_bidirectional_stacks_matches_scan(checkpointed):
 )
 def test_remat_layer_matches_the_scan_remat(steps, batch, inputs, hidden, proj, chunk, lengths,
                                             bias):
-    k = jax.random.split(jax.random.key(7), 8)
     out = proj or hidden
-    x = jax.random.normal(k[0], (steps, batch, inputs))
-    w_ih = jax.random.normal(k[1], (inputs, 4 * hidden)) / np.sqrt(inputs)
-    w_hh = jax.random.normal(k[2], (out, 4 * hidden)) / np.sqrt(out)
-    w_hr = jax.random.normal(k[3], (hidden, out)) / np.sqrt(hidden) if proj else None
-    h0 = 0.5 * jax.random.normal(k[4], (batch, out))
-    c0 = jax.random.normal(k[5], (batch, hidden))
-    b = 0.1 * jax.random.normal(k[6], (4 * hidden,)) if bias else None
-    mask = None
-    if lengths:
-        lens = jnp.concatenate([jnp.array([0, steps]),
-                                jax.random.randint(k[7], (batch,), 1, steps)])[:batch]
-        mask = jnp.arange(steps)[:, None] < lens[None, :]
+    x = normal((7, 0), (steps, batch, inputs))
+    w_ih = normal((7, 1), (inputs, 4 * hidden), 1 / np.sqrt(inputs))
+    w_hh = normal((7, 2), (out, 4 * hidden), 1 / np.sqrt(out))
+    w_hr = normal((7, 3), (hidden, out), 1 / np.sqrt(hidden)) if proj else None
+    h0 = normal((7, 4), (batch, out), 0.5)
+    c0 = normal((7, 5), (batch, hidden))
+    b = normal((7, 6), (4 * hidden,), 0.1) if bias else None
+    mask = lengths_mask((7, 7), steps, batch) if lengths else None
 
     def run(loop):
         def loss(x, w_ih, w_hh, w_hr, h0, c0, b):
@@ -649,7 +638,7 @@ def test_remat_layer_matches_the_scan_remat(steps, batch, inputs, hidden, proj, 
 def test_lstm_cpu_backend_with_remat_keeps_the_gradients_and_less_memory():
     params = lstm_jax.init_lstm(jax.random.key(5), input_size=4, hidden_size=32,
                                 bidirectional=True)
-    x = jax.random.normal(jax.random.key(6), (4, 400, 4))
+    x = normal(6, (4, 400, 4))
     lengths = jnp.array([400, 399, 250, 3])
 
     def grad(backend, remat):

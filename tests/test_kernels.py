@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import normal
 
 import lstm_jax
 from lstm_jax import LSTMState
@@ -26,11 +27,10 @@ T, B = 5, 2
 
 
 def _problem(hidden, seed=0, dtype=jnp.float32):
-    k = jax.random.split(jax.random.key(seed), 4)
-    xw = jax.random.normal(k[0], (T, B, 4 * hidden), jnp.float32)
-    w_hh = (0.5 * jax.random.normal(k[1], (hidden, 4 * hidden), jnp.float32)).astype(dtype)
-    h0 = jax.random.normal(k[2], (B, hidden), jnp.float32).astype(dtype)
-    c0 = jax.random.normal(k[3], (B, hidden), jnp.float32)
+    xw = normal((seed, 0), (T, B, 4 * hidden))
+    w_hh = normal((seed, 1), (hidden, 4 * hidden), 0.5).astype(dtype)
+    h0 = normal((seed, 2), (B, hidden)).astype(dtype)
+    c0 = normal((seed, 3), (B, hidden))
     return xw, w_hh, h0, c0
 
 
@@ -181,10 +181,9 @@ def test_cudnn_weight_layout_matches_lstm_ref(layers, bidirectional, bias):
     flat = to_cudnn_weights(params)
     assert flat.shape == (rnn.get_num_params_in_lstm(F, H, layers, bidirectional),)
     D = 2 if bidirectional else 1
-    k = jax.random.split(jax.random.key(2), 3)
-    x = jax.random.normal(k[0], (B, 6, F))
-    h0 = jax.random.normal(k[1], (layers * D, B, H))
-    c0 = jax.random.normal(k[2], (layers * D, B, H))
+    x = normal((2, 0), (B, 6, F))
+    h0 = normal((2, 1), (layers * D, B, H))
+    c0 = normal((2, 2), (layers * D, B, H))
     lengths = jnp.array([6, 4], jnp.int32)
     y, (h, c) = lstm_jax.lstm(params, x, LSTMState(h0, c0), seq_lengths=lengths,
                               precision="highest")
