@@ -76,7 +76,7 @@ inline void store(float* p, vec<Lanes> v) { std::memcpy(p, &v, sizeof v); }
 // The kernel's own float buffers (packed weights, state, scratch) start on a cache line.
 // operator new gives 16-byte alignment; a panel 16 bytes off makes every 64-byte load of
 // the product span two lines, which Intel's cores pay for: on a Xeon (Cascade Lake) the
-// product ran at 84-89 GFLOP/s per core against 112-119 aligned (AMD's Zen 4, which splits
+// product ran at 84-89 GFLOP/s per core against 112-128 aligned (AMD's Zen 4, which splits
 // a 64-byte load in two halves anyway, barely noticed).
 template <typename T>
 struct CacheAligned {
