@@ -29,7 +29,7 @@ BACKENDS = ("auto", "scan", "pallas", "cudnn", "cpu")
 # 1.30 / 0.97: ratios move by ~5% between runs); the last four from a run at 12:47 UTC with
 # the weight gradients in the kernel (benchmarks/cpu-notes.md). The kernel won everywhere
 # but at 256 x 1024, a tie (1050 ms each), where the scan stays. On the same VM size as a
-# Cascade Lake Xeon (benchmarks/results/cpu-2core-intel-xeon.md, three runs) the kernel
+# Cascade Lake Xeon (benchmarks/results/cpu-2core-intel-xeon.md; more runs in the notes) the kernel
 # also beat the scan at every shape it timed (e.g. 32,100,128,256 0.69-1.07 against
 # 0.98-1.41, 8,1000,128,256 0.87 against 1.39), so the same table serves both.
 # With remat=True the C++ kernel runs one call per chunk of ~2 sqrt(T) steps
