@@ -1,4 +1,5 @@
-"""A slow, obvious NumPy float64 LSTM with torch.nn.LSTM semantics: the tests' reference."""
+"""A slow, obvious NumPy float64 LSTM with torch.nn.LSTM semantics: the tests' reference;
+and the tests' random inputs, drawn with NumPy."""
 
 from __future__ import annotations
 
