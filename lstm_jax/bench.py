@@ -11,7 +11,8 @@ Every implementation is timed in one process on the same random inputs: forward 
 (``fwd``) and forward+backward (``fwdbwd``: the gradient of ``sum(y)`` with respect to the
 parameters and the input, jitted). Repeats are interleaved across implementations (round
 robin), so load from other processes on a shared machine hits all of them alike; the
-median is reported. JAX compile time is the wall time of ``jit(f).lower(...).compile()``.
+median is reported, and the ratio to torch is the median of the ratios of bursts timed in the
+same round (:func:`paired_ratios`). JAX compile time is the wall time of ``jit(f).lower(...).compile()``.
 
 The table is printed and written to ``benchmarks/results/<machine>.md`` (``--out``):
 milliseconds, the ratio to torch.nn.LSTM in float32 (for half-precision rows: to torch's
@@ -444,6 +445,8 @@ class Result(NamedTuple):
     note: str = ""
     half: bool = False
     others_cpu: float | None = None  # share of the CPUs other processes used while timing
+    # (round, median ms of the burst) of every burst kept: ratio() pairs bursts by round.
+    bursts: tuple[tuple[int, float], ...] = ()
 
 
 def _cpu_counters() -> tuple[float, float, float] | None:
@@ -527,8 +530,8 @@ def bench_case(
                                          note=f"{type(e).__name__}: {_first_line(e)}", half=impl.half)
     order = list(prepared)
     deadline = time.perf_counter() + max_wait
-    kept = {label: ([], []) for label in order}  # (call times, others' CPU per burst)
-    disturbed = {label: ([], []) for label in order}
+    kept = {label: ([], [], []) for label in order}  # (call times, others' CPU, bursts)
+    disturbed = {label: ([], [], []) for label in order}
     r = 0
 
     def wanting(label):
@@ -562,20 +565,22 @@ def bench_case(
             pool[0].extend(times)
             if busy is not None:
                 pool[1].append(busy)
+            pool[2].append((r, 1e3 * statistics.median(times)))
         r += 1
     for impl in impls:
         if impl.label in prepared:
             label = impl.label
-            times, busy = kept[label]
+            times, busy, bursts = kept[label]
             note = ""
             if quiet is not None:
                 note = f"{len(busy)} undisturbed bursts of {len(busy) + len(disturbed[label][1])}"
                 if not times:  # never quiet: keep what there is, and say so
-                    times, busy = disturbed[label]
+                    times, busy, bursts = disturbed[label]
                     note += " (none: disturbed timings kept)"
             results[label] = Result(
                 shape, mode, label, 1e3 * statistics.median(times), prepared[label][0].compile_s,
                 note=note, half=impl.half, others_cpu=statistics.mean(busy) if busy else None,
+                bursts=tuple(bursts),
             )
     return [results[impl.label] for impl in impls]
 
@@ -602,9 +607,43 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def paired_ratios(row: Result, reference: Result) -> list[float]:
+    """``row``'s burst over ``reference``'s in every round where both kept one.
+
+    Adjacent bursts of a round ran within a second of each other. On a shared VM the speed of
+    the cores drifts over seconds to minutes (on the 2-core Xeon VM a core's peak multiply-add
+    rate moved between 76 and 150 GFLOP/s: ``benchmarks/cpu-notes.md``), which a ratio of
+    medians taken over the whole run mixes in; a ratio per round mostly cancels it.
+    """
+    ref = dict(reference.bursts)
+    return [ms / ref[r] for r, ms in row.bursts if r in ref and ref[r] > 0]
+
+
+def ratio_spread(row: Result, rows: list[Result]) -> tuple[float, float, float, int] | None:
+    """(median, first quartile, third quartile, count) of :func:`paired_ratios` against the
+    reference (torch fp32; half rows: torch's faster half precision), or None without paired
+    rounds."""
+    half = row.half and row.impl not in TORCH_HALF
+    _, label = _reference_ms(rows, half)
+    reference = next((r for r in rows if r.impl == label), None)
+    if reference is None or row.ms is None:
+        return None
+    pairs = paired_ratios(row, reference)
+    if not pairs:
+        return None
+    if len(pairs) == 1:
+        return pairs[0], pairs[0], pairs[0], 1
+    q1, q2, q3 = statistics.quantiles(pairs, n=4, method="inclusive")
+    return q2, q1, q3, len(pairs)
+
+
 def ratio(row: Result, rows: list[Result]) -> float | None:
-    """``row.ms`` over torch fp32's (half rows: over torch's faster half precision)."""
+    """``row`` against torch fp32 (half rows: torch's faster half precision): the median of
+    the per-round ratios (:func:`paired_ratios`), else the ratio of the two medians."""
     # torch's own half rows are compared with torch fp32: how much half precision buys.
+    spread = ratio_spread(row, rows)
+    if spread is not None:
+        return spread[0]
     half = row.half and row.impl not in TORCH_HALF
     ref, _ = _reference_ms(rows, half)
     if row.ms is None or ref is None:
@@ -623,6 +662,7 @@ def detail_table(results: list[Result]) -> str:
     for shape, mode, rows in _groups(results):
         for row in rows:
             rat = ratio(row, rows)
+            spread = ratio_spread(row, rows)
             if row.ms is None:
                 ms = row.status
                 per_step = gflops = "-"
@@ -631,6 +671,8 @@ def detail_table(results: list[Result]) -> str:
                 per_step = _fmt(1e3 * row.ms / shape.T)
                 gflops = _fmt(shape.flops(mode) / (row.ms * 1e-3) / 1e9)
             rat_s = "-" if rat is None else f"{rat:.2f}x"
+            if spread is not None and spread[3] >= 3 and row.impl != "torch":
+                rat_s += f" ({spread[1]:.2f}-{spread[2]:.2f})"
             if rat is not None and row.half and row.impl not in TORCH_HALF:
                 rat_s += " (vs half)"
             lines.append(
@@ -1066,8 +1108,11 @@ def main(argv: list[str] | None = None) -> int:
         f"- method: {args.repeats} rounds after {args.warmup} warm-up calls, interleaved across "
         f"implementations; a round makes each implementation's calls last >= {args.min_time * 1e3:.0f} ms "
         "(fast ones called several times) after one untimed call (the implementation before "
-        "it left the caches cold); the median over all calls, each timed alone and "
-        "synchronised (block_until_ready / torch.cuda.synchronize). fwd+bwd: gradient of sum(y) with respect "
+        "it left the caches cold); ms: the median over all calls, each timed alone and "
+        "synchronised (block_until_ready / torch.cuda.synchronize); vs torch: the median over "
+        "rounds of the ratio of the two bursts' medians in the same round (the machine's "
+        "speed drifts between rounds, hardly within one), in the details with the quartiles "
+        "of those ratios in brackets. fwd+bwd: gradient of sum(y) with respect "
         "to the parameters and x (jitted for JAX; torch.autograd.grad); fwd: y alone "
         "(torch under no_grad). float32 unless labelled, each library's default matmul precision.",
         "- GFLOP: matrix products only, forward 2*T*B*4H*(D+H) per layer and direction, "

@@ -73,6 +73,34 @@ def test_bench_main_tiny(tmp_path, capsys):
     assert len(summary) == 4  # header, rule, fwd+bwd, fwd
 
 
+def test_ratio_pairs_the_bursts_of_each_round():
+    shape = bench.Shape(2, 3, 3, 4)
+    # The machine ran at half speed in round 1: torch and lstm_jax both took twice as long.
+    torch_row = bench.Result(shape, "fwd", "torch", 10.0, bursts=((0, 10.0), (1, 20.0), (2, 10.0)))
+    ours = bench.Result(shape, "fwd", "lstm_jax", 9.0,
+                        bursts=((0, 8.0), (1, 16.0), (2, 9.0), (3, 50.0)))  # round 3: no torch
+    rows = [ours, torch_row]
+    assert bench.paired_ratios(ours, torch_row) == [0.8, 0.8, 0.9]
+    assert bench.ratio(ours, rows) == pytest.approx(0.8)  # not 9.0 / 10.0
+    median, q1, q3, n = bench.ratio_spread(ours, rows)
+    assert (median, n) == (pytest.approx(0.8), 3)
+    assert q1 == pytest.approx(0.8) and q3 == pytest.approx(0.85)  # inclusive quartiles
+    assert bench.ratio(torch_row, rows) == 1.0
+    # Without bursts in common, the ratio of the medians.
+    lone = bench.Result(shape, "fwd", "flax", 15.0, bursts=((7, 15.0),))
+    assert bench.ratio(lone, rows + [lone]) == pytest.approx(1.5)
+    assert bench.ratio_spread(lone, rows + [lone]) is None
+    # Half-precision rows pair with torch's faster half precision.
+    fp16 = bench.Result(shape, "fwd", "torch-fp16", 4.0, half=True, bursts=((0, 4.0), (1, 8.0)))
+    bf16 = bench.Result(shape, "fwd", "torch-bf16", 6.0, half=True, bursts=((0, 6.0), (1, 12.0)))
+    ours16 = bench.Result(shape, "fwd", "lstm_jax-bf16", 3.0, half=True,
+                          bursts=((0, 2.0), (1, 8.0)))
+    half_rows = [ours16, fp16, bf16, torch_row]
+    assert bench.ratio(ours16, half_rows) == pytest.approx(0.75)  # median of 0.5 and 1.0
+    assert bench.ratio(fp16, half_rows) == pytest.approx(0.4)  # torch's halves against fp32
+    assert "| 2,3,3,4 | fwd | lstm_jax | 9 | 0.80x (0.80-0.85) |" in bench.detail_table(rows)
+
+
 def test_rejected_variant_is_skipped():
     impls = [bench.lstm_jax_impl(bench.Variant("lstm_jax-bogus", {"no_such_argument": 1})),
              bench.lstm_jax_impl(bench.Variant("lstm_jax u=2", {"unroll": 2}))]
