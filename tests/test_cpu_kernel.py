@@ -280,11 +280,14 @@ def test_vmapped_problems_match_one_by_one():
             np.testing.assert_allclose(got[i], want, rtol=1e-6, atol=1e-6)
 
 
-def test_lstm_cpu_backend_matches_scan_bidirectional_stack():
+@pytest.mark.parametrize("batch", [3, 16])
+def test_lstm_cpu_backend_matches_scan_bidirectional_stack(batch):
+    # Both directions of a layer are two problems of one call, one per thread; from batch 16
+    # each forms dx_t inside its backward loop.
     params = lstm_jax.init_lstm(jax.random.key(3), input_size=6, hidden_size=16, num_layers=2,
                                 bidirectional=True)
-    x = normal(4, (3, 9, 6))
-    lengths = jnp.array([9, 4, 1])
+    x = normal(4, (batch, 9, 6))
+    lengths = jnp.array([9, 4, 1] + [9 - i % 9 for i in range(batch - 3)])
 
     def loss(backend):
         def f(p, x):
