@@ -637,12 +637,18 @@ def ratio_spread(row: Result, rows: list[Result]) -> tuple[float, float, float, 
     return q2, q1, q3, len(pairs)
 
 
+# Fewer rounds than this in common (bursts that other processes disturbed are timed again in
+# extra rounds, where their partners may not run) leave the ratio to the two medians.
+MIN_PAIRED_ROUNDS = 3
+
+
 def ratio(row: Result, rows: list[Result]) -> float | None:
     """``row`` against torch fp32 (half rows: torch's faster half precision): the median of
-    the per-round ratios (:func:`paired_ratios`), else the ratio of the two medians."""
+    the per-round ratios (:func:`paired_ratios`) where at least :data:`MIN_PAIRED_ROUNDS`
+    rounds timed both, else the ratio of the two medians."""
     # torch's own half rows are compared with torch fp32: how much half precision buys.
     spread = ratio_spread(row, rows)
-    if spread is not None:
+    if spread is not None and spread[3] >= MIN_PAIRED_ROUNDS:
         return spread[0]
     half = row.half and row.impl not in TORCH_HALF
     ref, _ = _reference_ms(rows, half)
@@ -671,7 +677,7 @@ def detail_table(results: list[Result]) -> str:
                 per_step = _fmt(1e3 * row.ms / shape.T)
                 gflops = _fmt(shape.flops(mode) / (row.ms * 1e-3) / 1e9)
             rat_s = "-" if rat is None else f"{rat:.2f}x"
-            if spread is not None and spread[3] >= 3 and row.impl != "torch":
+            if spread is not None and spread[3] >= MIN_PAIRED_ROUNDS and row.impl != "torch":
                 rat_s += f" ({spread[1]:.2f}-{spread[2]:.2f})"
             if rat is not None and row.half and row.impl not in TORCH_HALF:
                 rat_s += " (vs half)"
@@ -1110,9 +1116,10 @@ def main(argv: list[str] | None = None) -> int:
         "(fast ones called several times) after one untimed call (the implementation before "
         "it left the caches cold); ms: the median over all calls, each timed alone and "
         "synchronised (block_until_ready / torch.cuda.synchronize); vs torch: the median over "
-        "rounds of the ratio of the two bursts' medians in the same round (the machine's "
-        "speed drifts between rounds, hardly within one), in the details with the quartiles "
-        "of those ratios in brackets. fwd+bwd: gradient of sum(y) with respect "
+        "rounds of the ratio of the two bursts' medians in the same round (a shared "
+        "machine's speed drifts over seconds to minutes), in the details with the quartiles "
+        "of those ratios in brackets; with fewer than 3 rounds in common, the ratio of the "
+        "two medians, without brackets. fwd+bwd: gradient of sum(y) with respect "
         "to the parameters and x (jitted for JAX; torch.autograd.grad); fwd: y alone "
         "(torch under no_grad). float32 unless labelled, each library's default matmul precision.",
         "- GFLOP: matrix products only, forward 2*T*B*4H*(D+H) per layer and direction, "

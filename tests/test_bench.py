@@ -86,10 +86,14 @@ def test_ratio_pairs_the_bursts_of_each_round():
     assert (median, n) == (pytest.approx(0.8), 3)
     assert q1 == pytest.approx(0.8) and q3 == pytest.approx(0.85)  # inclusive quartiles
     assert bench.ratio(torch_row, rows) == 1.0
-    # Without bursts in common, the ratio of the medians.
+    # Without bursts in common, or with fewer than 3, the ratio of the medians.
     lone = bench.Result(shape, "fwd", "flax", 15.0, bursts=((7, 15.0),))
     assert bench.ratio(lone, rows + [lone]) == pytest.approx(1.5)
     assert bench.ratio_spread(lone, rows + [lone]) is None
+    two = bench.Result(shape, "fwd", "flax", 12.0, bursts=((0, 5.0), (1, 10.0), (5, 14.0)))
+    assert bench.ratio_spread(two, rows + [two])[3] == 2
+    assert bench.ratio(two, rows + [two]) == pytest.approx(1.2)
+    assert "| 2,3,3,4 | fwd | flax | 12 | 1.20x |" in bench.detail_table(rows + [two])
     # Half-precision rows pair with torch's faster half precision.
     fp16 = bench.Result(shape, "fwd", "torch-fp16", 4.0, half=True, bursts=((0, 4.0), (1, 8.0)))
     bf16 = bench.Result(shape, "fwd", "torch-bf16", 6.0, half=True, bursts=((0, 6.0), (1, 12.0)))
