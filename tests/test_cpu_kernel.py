@@ -418,6 +418,8 @@ def test_a_broken_cached_build_is_rebuilt_and_readable(tmp_path):
     script = (
         "import os, stat\n"
         "from lstm_jax.kernels import cpu_native\n"
+        # Unoptimised: the rebuild is what is tested, and -O0 halves its 7-13 s.
+        "cpu_native._FLAGS = tuple(f for f in cpu_native._FLAGS if f != '-O3') + ('-O0',)\n"
         "path = cpu_native.library_path(cpu_native._compiler())\n"
         "path.parent.mkdir(parents=True); path.write_bytes(b'not a library')\n"
         "print(cpu_native.unavailable_reason())\n"
