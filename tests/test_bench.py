@@ -105,6 +105,30 @@ def test_ratio_pairs_the_bursts_of_each_round():
     assert "| 2,3,3,4 | fwd | lstm_jax | 9 | 0.80x (0.80-0.85) |" in bench.detail_table(rows)
 
 
+def test_a_burst_timed_again_is_paired_with_torch(monkeypatch):
+    # Other processes disturb lstm_jax's burst in round 1: it is timed again in an extra
+    # round, and torch is timed there too, so that every kept burst has a partner.
+    timed = []
+
+    def impl(label):
+        def build(shape, mode):
+            return bench.Prepared(lambda: timed.append(label), None)
+        return bench.Impl(label, build)
+
+    busy = iter([0.0, 0.0, 0.0, 0.9] + [0.0] * 10)  # one value per burst, in order
+    monkeypatch.setattr(bench, "_wait_until_quiet", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "_others_cpu", lambda start, end: next(busy))
+    rows = bench.bench_case(bench.Shape(2, 3, 3, 4), "fwd", [impl("lstm_jax"), impl("torch")],
+                            repeats=2, warmup=0, min_time=0.0, quiet=0.5, max_wait=60)
+    ours, torch_row = rows
+    # Round 0 times lstm_jax then torch, round 1 torch then lstm_jax, whose burst (the fourth)
+    # was disturbed: round 2 times both again.
+    assert [r for r, _ in ours.bursts] == [0, 2]
+    assert [r for r, _ in torch_row.bursts] == [0, 1, 2]
+    assert len(bench.paired_ratios(ours, torch_row)) == 2
+    assert ours.note == "2 undisturbed bursts of 3"
+
+
 def test_rejected_variant_is_skipped():
     impls = [bench.lstm_jax_impl(bench.Variant("lstm_jax-bogus", {"no_such_argument": 1})),
              bench.lstm_jax_impl(bench.Variant("lstm_jax u=2", {"unroll": 2}))]
