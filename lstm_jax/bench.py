@@ -12,7 +12,8 @@ Every implementation is timed in one process on the same random inputs: forward 
 parameters and the input, jitted). Repeats are interleaved across implementations (round
 robin), so load from other processes on a shared machine hits all of them alike; the
 median is reported, and the ratio to torch is the median of the ratios of bursts timed in the
-same round (:func:`paired_ratios`). JAX compile time is the wall time of ``jit(f).lower(...).compile()``.
+same round (:func:`paired_ratios`). JAX compile time is the wall time of
+``jit(f).lower(...).compile()``.
 
 The table is printed and written to ``benchmarks/results/<machine>.md`` (``--out``):
 milliseconds, the ratio to torch.nn.LSTM in float32 (for half-precision rows: to torch's
