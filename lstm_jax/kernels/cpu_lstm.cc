@@ -327,18 +327,22 @@ struct WeightGradArgs {
   int64_t K, B, D, P, N;
 };
 
-// A work item is kGradCols columns (kGradColsWide from 4H = 2048) of every output row, over
-// all K. A block of kGradRows rows k at a time is packed: dz's columns as panels and A's rows
-// as strips of kStrip columns, k-major (kGradRows x (D + P) floats; kGradRowsWide rows when
-// D + P > 512, so that both stay in L2). Each strip then meets every panel of the block.
-// Wider items pack A fewer times but leave fewer items to share between threads (a helper
-// thread may come late): at 128,50,512,512 512 columns ran at 195 GFLOP/s against 184 with
-// 256 (two threads); at 32,100,128,256 256 columns, four items, were as fast as 512.
+// A work item is a range of columns of every output row, over all K: a problem's columns
+// split between the threads (grad_items). A block of kGradRows rows k at a time is packed:
+// A's rows as strips of kStrip columns, k-major (kGradRows x (D + P) floats; kGradRowsWide
+// rows when D + P > 512, so that they stay in L2), then, chunk by chunk, kGradCols of dz's
+// columns as panels (kGradColsWide from 4H = 2048). Each strip meets every panel of a chunk.
+// The strips are packed once per block for all of an item's columns: with items of one
+// chunk, four at 32,100,128,256, A was packed four times, and the packing took a quarter of
+// the call (one core, harness: 2.9 ms of 11.8 for one item).
 constexpr int64_t kGradRows = 256;
 constexpr int64_t kGradRowsWide = 128;
 constexpr int64_t kGradCols = 256;
 constexpr int64_t kGradColsWide = 512;
 constexpr int kStrip = kBlockRows;  // the product's block of rows (6 with AVX-512)
+
+// Columns of dz packed at a time.
+inline int64_t grad_chunk(int64_t N) { return N >= 2048 ? kGradColsWide : kGradCols; }
 
 // Floats from one strip to the next: a strip's floats and a cache line more, so that the
 // packing's writes (one 16-byte piece of every strip per k) do not all fall in the same
@@ -434,8 +438,9 @@ inline int64_t grad_block_rows(int64_t D, int64_t P) {
   return D + P > 512 ? kGradRowsWide : kGradRows;
 }
 
-// Columns [n0, n0 + cols) of every gradient. `packed` holds grad_block_rows(D, P) * cols
-// floats, `strips` grad_strips(D, P) * strip_stride(grad_block_rows(D, P)).
+// Columns [n0, n0 + cols) of every gradient, grad_chunk(N) columns at a time: each block of
+// A's rows is packed once for all of them. `packed` holds grad_block_rows(D, P) *
+// grad_chunk(N) floats, `strips` grad_strips(D, P) * strip_stride(grad_block_rows(D, P)).
 void weight_grad_columns(const WeightGradArgs& a, int64_t n0, int64_t cols, float* packed,
                          float* strips) {
   const int64_t N = a.N, D = a.x != nullptr ? a.D : 0;
@@ -445,36 +450,47 @@ void weight_grad_columns(const WeightGradArgs& a, int64_t n0, int64_t cols, floa
   if (a.db != nullptr) std::fill_n(a.db + n0, cols, 0.0f);
   const auto x_row = [&a](int64_t k) { return a.x + k * a.D; };
   const auto h_row = [&a](int64_t k) { return k < a.B ? a.h0 + k * a.P : a.ys + (k - a.B) * a.P; };
+  const int64_t chunk = grad_chunk(N);
   for (int64_t k0 = 0; k0 < a.K; k0 += block) {
     const int64_t rows = std::min(block, a.K - k0);
-    const float* dz = a.dz + k0 * N + n0;
-    for (int64_t k = 0; k < rows; ++k) {
-      const float* __restrict src = dz + k * N;
-      for (int64_t j = 0; j < cols;) {
-        const int64_t w = panel_width(cols, j);
-        copy_floats(packed + rows * j + k * w, src + j, w);
-        j += w;
-      }
-      if (a.db != nullptr) {
-        float* __restrict db = a.db + n0;
-        for (int64_t c = 0; c < cols; ++c) db[c] += src[c];
-      }
-    }
-    // x's strips, then h's from the next whole strip on.
+    // x's strips, then h's from the next whole strip on: once per block for all the columns.
     float* h_strips = strips + (D + kStrip - 1) / kStrip * strip_stride(rows);
     if (D > 0) pack_strips(x_row, D, k0, rows, strips);
     pack_strips(h_row, a.P, k0, rows, h_strips);
-    BlockPrefetch next;
-    const int64_t k1 = k0 + rows, next_rows = std::min(block, a.K - k1);
-    if (next_rows > 0) {
-      next.add(a.dz + k1 * N + n0, N, cols, next_rows);
-      if (D > 0) next.add(a.x + k1 * D, 0, next_rows * D, 1);
-      const int64_t h1 = std::max(k1, a.B);  // rows of ys (those of h0 stay cached)
-      next.add(a.ys + (h1 - a.B) * a.P, 0, (k1 + next_rows - h1) * a.P, 1);
+    for (int64_t c0 = n0; c0 < n0 + cols; c0 += chunk) {
+      const int64_t width = std::min(chunk, n0 + cols - c0);
+      const float* dz = a.dz + k0 * N + c0;
+      for (int64_t k = 0; k < rows; ++k) {
+        const float* __restrict src = dz + k * N;
+        for (int64_t j = 0; j < width;) {
+          const int64_t w = panel_width(width, j);
+          copy_floats(packed + rows * j + k * w, src + j, w);
+          j += w;
+        }
+        if (a.db != nullptr) {
+          float* __restrict db = a.db + c0;
+          for (int64_t c = 0; c < width; ++c) db[c] += src[c];
+        }
+      }
+      // While this chunk's products run: the next chunk's rows of dz, or after the last
+      // chunk the next block's rows of dz, x and ys.
+      BlockPrefetch next;
+      const int64_t c1 = c0 + chunk;
+      if (c1 < n0 + cols) {
+        next.add(a.dz + k0 * N + c1, N, std::min(chunk, n0 + cols - c1), rows);
+      } else {
+        const int64_t k1 = k0 + rows, next_rows = std::min(block, a.K - k1);
+        if (next_rows > 0) {
+          next.add(a.dz + k1 * N + n0, N, std::min(chunk, cols), next_rows);
+          if (D > 0) next.add(a.x + k1 * D, 0, next_rows * D, 1);
+          const int64_t h1 = std::max(k1, a.B);  // rows of ys (those of h0 stay cached)
+          next.add(a.ys + (h1 - a.B) * a.P, 0, (k1 + next_rows - h1) * a.P, 1);
+        }
+      }
+      next.spread(D / kStrip + a.P / kStrip);  // the calls of fetch(): one per whole strip
+      if (D > 0) gradient_rows(strips, D, rows, packed, width, a.dw_ih + c0, N, next);
+      gradient_rows(h_strips, a.P, rows, packed, width, a.dw_hh + c0, N, next);
     }
-    next.spread(D / kStrip + a.P / kStrip);  // the calls of fetch(): one per whole strip
-    if (D > 0) gradient_rows(strips, D, rows, packed, cols, a.dw_ih + n0, N, next);
-    gradient_rows(h_strips, a.P, rows, packed, cols, a.dw_hh + n0, N, next);
   }
 }
 
@@ -1304,7 +1320,10 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, int64_t threads, bool has_input,
   check.expect("ys", ys.dimensions(), {T, B, P});
   if (has_bias) check.expect("db", db->dimensions(), {N});
   if (auto err = check.result(); !err.success()) return err;
-  const int64_t width = N >= 2048 ? kGradColsWide : kGradCols;
+  // Each problem's columns in as many items as there are threads for it (whole chunks).
+  const int64_t chunk = grad_chunk(N), chunks = (N + chunk - 1) / chunk;
+  const int64_t per_problem = std::clamp<int64_t>((threads + d.problems - 1) / d.problems, 1, chunks);
+  const int64_t width = (chunks + per_problem - 1) / per_problem * chunk;
   const int64_t columns = (N + width - 1) / width;
   const std::function<bool(int64_t)> work = [&](int64_t item) {
     const int64_t p = item / columns, n0 = item % columns * width;
@@ -1317,7 +1336,7 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, int64_t threads, bool has_input,
     // Each thread keeps its buffers for later calls: fresh ones (up to 1.5 MiB) would be
     // mapped and faulted in by every call.
     static thread_local Floats scratch;
-    const int64_t block = grad_block_rows(D, P), packed_size = block * width;
+    const int64_t block = grad_block_rows(D, P), packed_size = block * chunk;
     scratch.resize(std::max<size_t>(scratch.size(),
                                     packed_size + grad_strips(D, P) * strip_stride(block)));
     weight_grad_columns(a, n0, std::min(width, N - n0), scratch.data(),
