@@ -328,7 +328,7 @@ struct WeightGradArgs {
 };
 
 // A work item is a range of columns of every output row, over all K: a problem's columns
-// split between the threads (grad_items). A block of kGradRows rows k at a time is packed:
+// split between the threads (WeightGradImpl). A block of kGradRows rows k at a time is packed:
 // A's rows as strips of kStrip columns, k-major (kGradRows x (D + P) floats; kGradRowsWide
 // rows when D + P > 512, so that they stay in L2), then, chunk by chunk, kGradCols of dz's
 // columns as panels (kGradColsWide from 4H = 2048). Each strip meets every panel of a chunk.
@@ -1322,7 +1322,8 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, int64_t threads, bool has_input,
   if (auto err = check.result(); !err.success()) return err;
   // Each problem's columns in as many items as there are threads for it (whole chunks).
   const int64_t chunk = grad_chunk(N), chunks = (N + chunk - 1) / chunk;
-  const int64_t per_problem = std::clamp<int64_t>((threads + d.problems - 1) / d.problems, 1, chunks);
+  const int64_t per_problem =
+      std::clamp<int64_t>((threads + d.problems - 1) / d.problems, 1, chunks);
   const int64_t width = (chunks + per_problem - 1) / per_problem * chunk;
   const int64_t columns = (N + width - 1) / width;
   const std::function<bool(int64_t)> work = [&](int64_t item) {
